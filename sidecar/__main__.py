@@ -1,0 +1,163 @@
+"""The ``toolio-sidecar`` command line (SPEC 8): parse args, load settings, run.
+
+    toolio-sidecar serve [--config PATH]
+    toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--json]
+    toolio-sidecar keys list|show ID|disable ID|enable ID [--json]
+    toolio-sidecar keys rotate ID --name NEW [--disable-old-at T] [--json]
+    toolio-sidecar demo
+
+Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+from prometheus_client import CollectorRegistry
+
+from sidecar.apikeys import KeyHasher
+from sidecar.audit import AuditLog
+from sidecar.errors import ApiError
+from sidecar.keys import KeyManager, key_json
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from sidecar.store import DISABLED, ENABLED, SQLiteKeyStore
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="toolio-sidecar",
+                                     description="API-key auth sidecar for Toolio's MCP server.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", metavar="PATH",
+                       help=f"config file (default: ${CONFIG_ENV}, else ./config.toml)")
+        return p
+
+    with_config(commands.add_parser("serve", help="run the proxy and admin listeners"))
+    demo = commands.add_parser("demo", help="example MCP server + sidecar + keys, ready to try")
+    demo.add_argument("--port", type=int, default=8080, help="public port (admin is port + 1010)")
+
+    keys = commands.add_parser("keys", help="manage API keys directly in the store").add_subparsers(
+        dest="keys_command", required=True)
+    create = with_config(keys.add_parser("create", help="create a key; prints the full key once"))
+    create.add_argument("--name", required=True)
+    create.add_argument("--role", action="append", required=True, dest="roles")
+    create.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
+    with_config(keys.add_parser("list", help="list keys"))
+    for verb in ("show", "disable", "enable"):
+        with_config(keys.add_parser(verb, help=f"{verb} a key")).add_argument("id")
+    rotate = with_config(keys.add_parser("rotate", help="new key with the same roles"))
+    rotate.add_argument("id")
+    rotate.add_argument("--name", required=True)
+    rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
+    for sub in keys.choices.values():
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+    return parser
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    path = args.config or os.environ.get(CONFIG_ENV) or "config.toml"
+    return load_settings(path, os.environ)
+
+
+async def _with_manager(settings: Settings,
+                        action: Callable[[KeyManager], Awaitable[int]]) -> int:
+    store = SQLiteKeyStore(settings.database_path)
+    await store.open()
+    try:
+        # Audit rows go to the store; the CLI's stdout is for the command's own output.
+        log = JsonLog(stream=sys.stderr, level="warning")
+        audit = AuditLog(store, log, Metrics(CollectorRegistry()), settings.workspace)
+        return await action(KeyManager(settings, store, KeyHasher(settings.argon2), audit))
+    finally:
+        await store.close()
+
+
+def _print_key(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return
+    for field in ("id", "name", "preview", "roles", "permissions", "status", "created_at", "created_by",
+                  "last_used_at", "disabled_at", "expires_at"):
+        value = data.get(field)
+        print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
+
+
+def _keys(args: argparse.Namespace, settings: Settings) -> int:
+    as_json: bool = args.json
+
+    async def run(manager: KeyManager) -> int:
+        verb = args.keys_command
+        if verb == "create" or verb == "rotate":
+            if verb == "create":
+                record, full = await manager.create(name=args.name, roles=args.roles, actor="cli",
+                                                    client=None, expires_at=args.expires_at)
+            else:
+                record, full, _ = await manager.rotate(args.id, name=args.name, actor="cli", client=None,
+                                                       disable_old_at=args.disable_old_at)
+            data = {**key_json(record, settings), "key": full}
+            if as_json:
+                print(json.dumps(data, indent=2))
+            else:
+                _print_key(data, False)
+                print(f"\n  key: {full}\n\nThis is the only time the full key is shown; store it now.")
+            return 0
+        if verb == "list":
+            records = [key_json(r, settings) for r in await manager.list()]
+            if as_json:
+                print(json.dumps({"keys": records}, indent=2))
+            else:
+                print(f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
+                for k in records:
+                    print(f"{k['id']:<21} {k['name']:<24} {k['preview']:<12} {k['status']:<9} "
+                          f"{','.join(k['roles']):<24} {k['last_used_at'] or '-'}")
+            return 0
+        if verb == "show":
+            _print_key(key_json(await manager.get(args.id), settings), as_json)
+            return 0
+        status = DISABLED if verb == "disable" else ENABLED
+        record = await manager.set_status(args.id, status, actor="cli", client=None)
+        _print_key(key_json(record, settings), as_json)
+        return 0
+
+    try:
+        return asyncio.run(_with_manager(settings, run))
+    except ApiError as exc:
+        message = {"error": exc.code, "message": exc.description, "field": exc.field, **exc.extra}
+        print(json.dumps(message) if as_json else f"error: {exc.description}", file=sys.stderr)
+        return 2 if exc.status in (400, 413, 422) else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "demo":
+        from sidecar.demo import run_demo
+
+        return run_demo(port=args.port)
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        print(f"toolio-sidecar: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "serve":
+        from sidecar.server import serve
+
+        try:
+            asyncio.run(serve(settings))
+        except SettingsError as exc:  # e.g. an unreadable signing key found at start-up
+            print(f"toolio-sidecar: {exc}", file=sys.stderr)
+            return 2
+        return 0
+    return _keys(args, settings)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,285 @@
+"""``create_app(settings)``: both aiohttp applications and the resources they share.
+
+The proxy app (public listener) and the admin app (admin listener) share one
+:class:`Services`: store, caches, signer, metrics, the pooled upstream ``ClientSession``, the
+stream registry and background tasks. Each app's ``cleanup_ctx`` acquires it, so the first app
+started opens it and the last one cleaned up closes it, whatever the order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from sidecar import state
+from sidecar.apikeys import KeyHasher
+from sidecar.assertion import Signer, load_signing_keys
+from sidecar.audit import AuditLog
+from sidecar.auth import Authenticator, LastUsed
+from sidecar.cache import KeyCache
+from sidecar.errors import json_response
+from sidecar.keys import KeyManager, run_scheduled_disables
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.proxy import ProxyHandler, SessionBindings, StreamRegistry
+from sidecar.settings import Settings
+from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore
+
+# OAuth discovery probes (RFC 9728, RFC 8414, OIDC Discovery) answered with a JSON 404 so MCP
+# clients in API-key mode learn at once that there is no authorization server here.
+DISCOVERY_PREFIXES = ("/.well-known/oauth-protected-resource", "/.well-known/oauth-authorization-server",
+                      "/.well-known/openid-configuration")
+
+
+class Services:
+    def __init__(self, settings: Settings, *, log: JsonLog | None = None,
+                 registry: CollectorRegistry | None = None, store: KeyStore | None = None) -> None:
+        self.settings = settings
+        self.log = log or JsonLog(level=settings.log_level)
+        self.registry = registry or CollectorRegistry()
+        self.metrics = Metrics(self.registry)
+        self.store: KeyStore = store or SQLiteKeyStore(settings.database_path)
+        self.hasher = KeyHasher(settings.argon2)
+        self.cache = KeyCache(settings.auth.cache_size, settings.auth.negative_cache_size,
+                              settings.auth.negative_cache_ttl_seconds,
+                              on_evict=self.metrics.cache_evictions.inc)
+        self.audit = AuditLog(self.store, self.log, self.metrics, settings.workspace)
+        self.last_used = LastUsed()
+        self.streams = StreamRegistry()
+        self.bindings = SessionBindings(settings.proxy.session_binding_max,
+                                        settings.proxy.session_binding_ttl_seconds)
+        self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.key_changed)
+        self.signer: Signer | None = None
+        self.session: aiohttp.ClientSession | None = None
+        self.authenticator: Authenticator | None = None
+        self.proxy: ProxyHandler | None = None
+        self.draining = False
+        self._users = 0
+        self._lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._revision = 0
+        self._marker = 0
+
+    # -- lifecycle -------------------------------------------------------------------------------
+
+    async def acquire(self) -> None:
+        async with self._lock:
+            self._users += 1
+            if self._users == 1:
+                await self._open()
+
+    async def release(self) -> None:
+        async with self._lock:
+            self._users -= 1
+            if self._users == 0:
+                await self._close()
+
+    async def _open(self) -> None:
+        settings = self.settings
+        self.signer = Signer(load_signing_keys(settings.signing, settings.data_dir), settings.signing)
+        await self.store.open()
+        self._revision, _ = await self.store.changes_since(1 << 62)
+        self._marker = await self.store.external_change_marker()
+        proxy = settings.proxy
+        connector = aiohttp.TCPConnector(limit=proxy.upstream_max_connections, limit_per_host=0,
+                                         ttl_dns_cache=10, enable_cleanup_closed=True)
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            # Requests through the proxy must never share state: no cookie jar (one client's
+            # Set-Cookie would ride on another's requests), no env proxies, bodies untouched.
+            cookie_jar=aiohttp.DummyCookieJar(),
+            auto_decompress=False,
+            trust_env=False,
+            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
+            timeout=aiohttp.ClientTimeout(total=None, connect=proxy.upstream_pool_timeout_seconds,
+                                          sock_connect=proxy.upstream_timeout_seconds),
+        )
+        self.authenticator = Authenticator(settings, self.store, self.cache, self.hasher, self.metrics,
+                                           self.audit, self.last_used, self._client_address)
+        self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.session, self.metrics,
+                                  self.log, self.streams, self.bindings)
+        await self.refresh_key_gauge()
+        self._tasks = [
+            asyncio.create_task(self._every(settings.auth.store_poll_seconds, self.poll_store), name="poll"),
+            asyncio.create_task(self._every(settings.auth.last_used_flush_seconds, self.flush_last_used),
+                                name="last-used"),
+            asyncio.create_task(self._every(1.0, self._housekeeping), name="housekeeping"),
+            asyncio.create_task(self._every(0.5, self._flush_log), name="log-flush"),
+        ]
+
+    def _client_address(self, request: web.BaseRequest) -> str:
+        assert self.proxy is not None
+        return self.proxy.client_address(request)
+
+    async def _close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        if self.authenticator is not None:
+            await self.authenticator.close()
+        await self.flush()
+        if self.session is not None:
+            await self.session.close()
+        await self.store.close()
+        self.log.flush()
+
+    async def flush(self) -> None:
+        """Write what is batched in memory: last-used times and aggregated auth failures."""
+        with contextlib.suppress(Exception):
+            await self.flush_last_used()
+        with contextlib.suppress(Exception):
+            await self.audit.flush_failures(everything=True)
+
+    # -- background work -------------------------------------------------------------------------
+
+    async def _every(self, seconds: float, job: Callable[[], Any]) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await job()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # keep the loop alive; report and try again next tick
+                self.log.error("background job failed", job=getattr(job, "__name__", "?"), error=repr(exc))
+
+    async def _flush_log(self) -> None:
+        self.log.flush()
+
+    async def flush_last_used(self) -> None:
+        batch = self.last_used.take()
+        if batch:
+            await self.store.touch_last_used(batch)
+
+    async def poll_store(self) -> None:
+        """Notice key changes made by another process (the CLI) within one poll interval."""
+        marker = await self.store.external_change_marker()
+        if marker == self._marker:
+            return
+        self._marker = marker
+        self._revision, changed = await self.store.changes_since(self._revision)
+        for record in changed:
+            self.key_changed(record)
+
+    async def _housekeeping(self) -> None:
+        await run_scheduled_disables(self.keys, self.store)
+        await self.audit.flush_failures()
+        await self.refresh_key_gauge()
+        self.metrics.cache_size.set(len(self.cache))
+
+    async def refresh_key_gauge(self) -> None:
+        for status, count in (await self.store.count_by_status(self.settings.workspace)).items():
+            self.metrics.keys.labels(status).set(count)
+
+    def key_changed(self, record: KeyRecord) -> None:
+        """A key changed: forget it now, and cut its open streams if it can no longer be used."""
+        self.cache.invalidate(record.id)
+        self.metrics.cache_size.set(len(self.cache))
+        if record.status == DISABLED:
+            self.streams.cut(record.id)
+
+
+@dataclass(frozen=True)
+class SidecarApps:
+    proxy: web.Application
+    admin: web.Application
+    services: Services
+
+
+async def healthz(_: web.Request) -> web.Response:
+    return json_response(200, {"status": "ok"})
+
+
+async def jwks(request: web.Request) -> web.Response:
+    services = request.app[state.SERVICES]
+    assert services.signer is not None
+    return web.Response(body=services.signer.jwks_body, content_type="application/json",
+                        headers={"Cache-Control": "public, max-age=300"})
+
+
+async def discovery_not_found(_: web.Request) -> web.Response:
+    return json_response(404, {"error": "not_found",
+                               "error_description": "This server uses API keys (Authorization: Bearer "
+                                                    "tak_...), not OAuth"})
+
+
+def _services_ctx(services: Services) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def ctx(_: web.Application) -> AsyncIterator[None]:
+        await services.acquire()
+        try:
+            yield
+        finally:
+            await services.release()
+    return ctx
+
+
+def create_proxy_app(services: Services) -> web.Application:
+    # No middlewares on the public app: the hot path is one handler (DESIGN: cache hit does no
+    # extra work); the guards live in ProxyHandler in a fixed order.
+    app = web.Application(client_max_size=services.settings.proxy.max_body_bytes)
+    app[state.SERVICES] = services
+    app.cleanup_ctx.append(_services_ctx(services))
+
+    async def proxy(request: web.Request) -> web.StreamResponse:
+        assert services.proxy is not None
+        return await services.proxy(request)
+
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    for prefix in DISCOVERY_PREFIXES:
+        app.router.add_get(prefix, discovery_not_found)
+        app.router.add_get(prefix + "/{tail:.*}", discovery_not_found)
+    app.router.add_route("*", "/{tail:.*}", proxy)
+    return app
+
+
+async def readyz(request: web.Request) -> web.Response:
+    services = request.app[state.SERVICES]
+    if services.draining:
+        return json_response(503, {"status": "draining"})
+    try:
+        await asyncio.wait_for(services.store.ping(), timeout=2.0)
+    except Exception:
+        return json_response(503, {"status": "store unavailable"})
+    return json_response(200, {"status": "ready"})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    services = request.app[state.SERVICES]
+    services.metrics.cache_size.set(len(services.cache))
+    return web.Response(body=generate_latest(services.registry),
+                        headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+def create_ops_app(services: Services) -> web.Application:
+    """The admin listener's operational endpoints; the key-management UI and API are added by
+    the ``admin`` package (``admin.app.install``)."""
+    app = web.Application(client_max_size=64 * 1024)
+    app[state.SERVICES] = services
+    app.cleanup_ctx.append(_services_ctx(services))
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/.well-known/jwks.json", jwks)
+    return app
+
+
+def create_app(settings: Settings, *, log: JsonLog | None = None,
+               registry: CollectorRegistry | None = None) -> SidecarApps:
+    """Both applications, sharing one :class:`Services`; used by the CLI and every test."""
+    # The admin package builds on sidecar; importing it here, at call time, keeps sidecar's
+    # modules free of admin imports while giving callers one entry point for both listeners.
+    from admin.app import install
+
+    services = Services(settings, log=log, registry=registry)
+    proxy = create_proxy_app(services)
+    admin = create_ops_app(services)
+    install(admin, services)
+    return SidecarApps(proxy=proxy, admin=admin, services=services)

@@ -1,0 +1,89 @@
+"""Audit events (SPEC 6): durable rows in the store, mirrored as JSON log lines.
+
+Key changes carry their audit row into the store's own transaction (see ``KeyStore``), so an
+API success means both are on disk. ``auth.failed`` is aggregated: one row per lookup id /
+client address per minute with a count, never one row per bad request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Mapping
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.store import AuditRecord, KeyStore, utcnow
+
+KEY_CREATED = "key.created"
+KEY_DISABLED = "key.disabled"
+KEY_ENABLED = "key.enabled"
+KEY_ROTATED = "key.rotated"
+ADMIN_LOGIN = "admin.login"
+ADMIN_LOGIN_FAILED = "admin.login_failed"
+ADMIN_LOGOUT = "admin.logout"
+AUTH_FAILED = "auth.failed"
+
+
+class AuditLog:
+    def __init__(self, store: KeyStore, log: JsonLog, metrics: Metrics, workspace: str) -> None:
+        self._store = store
+        self._log = log
+        self._metrics = metrics
+        self.workspace = workspace
+        # (minute, lookup id, client) -> (count, reasons)
+        self._failures: dict[tuple[int, str, str], tuple[int, dict[str, int]]] = {}
+
+    def event(self, action: str, actor: str, *, key_id: str | None = None, key_name: str | None = None,
+              client: str | None = None, details: Mapping[str, Any] | None = None,
+              time: datetime | None = None) -> AuditRecord:
+        return AuditRecord(time=time or utcnow(), action=action, actor=actor, workspace=self.workspace,
+                           key_id=key_id, key_name=key_name, client=client, details=dict(details or {}))
+
+    def emitted(self, event: AuditRecord) -> None:
+        """Mirror an event the store already holds as a JSON log line."""
+        self._log.write("info", "audit", event.as_json())
+
+    async def record(self, event: AuditRecord) -> None:
+        """Write one event durably, then log it. A store failure is counted and re-raised."""
+        try:
+            await self._store.append_audit([event])
+        except Exception:
+            self._metrics.audit_write_failures.inc()
+            self._log.error("audit write failed", action=event.action)
+            raise
+        self.emitted(event)
+
+    def auth_failed(self, lookup_id: str | None, client: str, reason: str) -> None:
+        """Count a failed authentication; rows are written per minute by :meth:`flush_failures`."""
+        slot = (int(time.time() // 60), lookup_id or "", client)
+        count, reasons = self._failures.get(slot, (0, {}))
+        reasons[reason] = reasons.get(reason, 0) + 1
+        self._failures[slot] = (count + 1, reasons)
+        if len(self._failures) > 50_000:  # bounded memory under a spray of addresses
+            asyncio.get_running_loop().create_task(self.flush_failures(everything=True))
+
+    async def flush_failures(self, *, everything: bool = False) -> None:
+        current = int(time.time() // 60)
+        due = [slot for slot in self._failures if everything or slot[0] < current]
+        if not due:
+            return
+        events = []
+        for slot in due:
+            count, reasons = self._failures.pop(slot)
+            minute, lookup_id, client = slot
+            events.append(self.event(
+                AUTH_FAILED, "anonymous", client=client,
+                details={"lookup_id": lookup_id or None, "count": count, "reasons": reasons,
+                         "minute": datetime.fromtimestamp(minute * 60, UTC).isoformat().replace("+00:00", "Z")},
+            ))
+        try:
+            await self._store.append_audit(events)
+        except Exception:
+            self._metrics.audit_write_failures.inc(len(events))
+            self._log.error("audit write failed", action=AUTH_FAILED, count=len(events))
+            return
+        for event in events:
+            self.emitted(event)

@@ -1,0 +1,197 @@
+"""Authorization header -> :class:`Principal`, or the RFC 6750 error.
+
+Order matters for cost and for fairness under attack:
+
+1. parse the header (RFC 6750 2.1) and the key's shape and checksum: offline, no store;
+2. the verified-key cache: a hit is a dict lookup plus a constant-time digest compare, and it
+   is checked *before* any rate limit, so a key already verified keeps working while someone
+   hammers its lookup id;
+3. failure budgets per client address and per lookup id (429 + Retry-After);
+4. the negative cache (the same bad token never costs argon2 twice);
+5. the store and argon2id, off the event loop and bounded by a semaphore so a flood of misses
+   cannot stall the loop or the machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+
+from sidecar.apikeys import KeyFormatError, KeyHasher, ParsedKey, parse_key
+from sidecar.audit import AuditLog
+from sidecar.cache import KeyCache
+from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
+from sidecar.metrics import Metrics
+from sidecar.principal import Principal
+from sidecar.ratelimit import FailureLimiter
+from sidecar.settings import Settings
+from sidecar.store import DISABLED, KeyRecord, KeyStore
+
+
+class LastUsed:
+    """Collects last-use times in memory; the store gets them in one batch per interval."""
+
+    def __init__(self) -> None:
+        self.pending: dict[str, float] = {}
+
+    def touch(self, key_id: str) -> None:
+        self.pending[key_id] = time.time()
+
+    def take(self) -> dict[str, datetime]:
+        batch, self.pending = self.pending, {}
+        return {k: datetime.fromtimestamp(t, UTC) for k, t in batch.items()}
+
+
+def bearer_token(request: web.BaseRequest) -> str:
+    """The token of the single ``Authorization: Bearer`` header, or the RFC 6750 error."""
+    # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
+    # histories) and say so, rather than silently ignoring it.
+    query = request.query_string
+    if query and ("access_token" in query or "tak_" in query):
+        raise MalformedCredentials("API keys are accepted only in the Authorization header, "
+                                   "never in the query string")
+    values = request.headers.getall("Authorization", ())
+    if not values:
+        raise MissingCredentials()
+    if len(values) > 1:
+        raise MalformedCredentials("Send exactly one Authorization header")
+    scheme, _, token = values[0].partition(" ")
+    # RFC 9110 11.1: the auth-scheme is case-insensitive. RFC 6750 2.1: b64token, no spaces.
+    if scheme.lower() != "bearer" or not token or " " in token.strip() or token != token.strip():
+        raise MalformedCredentials("Expected 'Authorization: Bearer <API key>'")
+    return token
+
+
+class Authenticator:
+    def __init__(self, settings: Settings, store: KeyStore, cache: KeyCache, hasher: KeyHasher,
+                 metrics: Metrics, audit: AuditLog, last_used: LastUsed,
+                 client_address: Callable[[web.BaseRequest], str]) -> None:
+        self._settings = settings
+        self._store = store
+        self._cache = cache
+        self._hasher = hasher
+        self._metrics = metrics
+        self._audit = audit
+        self._last_used = last_used
+        self._client_address = client_address
+        self._by_address = FailureLimiter(settings.auth.failures_per_minute_per_address)
+        self._by_lookup = FailureLimiter(settings.auth.failures_per_minute_per_lookup_id)
+        self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
+        self._background: set[asyncio.Task[None]] = set()
+
+    async def authenticate(self, request: web.BaseRequest) -> Principal:
+        try:
+            token = bearer_token(request)
+        except AuthError as exc:
+            if isinstance(exc, MissingCredentials):
+                self._metrics.count_auth_failure(exc.reason)
+            else:
+                self._fail(None, request, exc.reason)
+            raise
+        try:
+            parsed = parse_key(token)
+        except KeyFormatError:
+            self._check_budget(self._client_address(request), None)
+            self._fail(None, request, "invalid")
+            raise InvalidToken() from None
+        digest = parsed.digest
+        principal = self._cache.get(parsed.lookup_id, digest)
+        if principal is not None:
+            if principal.deadline is not None and time.time() >= principal.deadline:
+                self._fail(parsed.lookup_id, request, "expired")
+                raise InvalidToken("expired")
+            self._metrics.cache_hits.inc()
+            self._last_used.touch(principal.key_id)
+            return principal
+        self._metrics.cache_misses.inc()
+        return await self._verify(parsed, digest, request)
+
+    def _check_budget(self, client: str, lookup_id: str | None) -> None:
+        wait = self._by_address.retry_after(client)
+        if wait is None and lookup_id is not None:
+            wait = self._by_lookup.retry_after(lookup_id)
+        if wait is not None:
+            self._metrics.count_auth_failure("rate_limited")
+            raise RateLimited(wait)
+
+    def _fail(self, lookup_id: str | None, request: web.BaseRequest, reason: str) -> None:
+        client = self._client_address(request)
+        self._by_address.record_failure(client)
+        if lookup_id is not None:
+            self._by_lookup.record_failure(lookup_id)
+        self._metrics.count_auth_failure(reason)
+        self._audit.auth_failed(lookup_id, client, reason)
+
+    async def _verify(self, parsed: ParsedKey, digest: bytes, request: web.BaseRequest) -> Principal:
+        client = self._client_address(request)
+        self._check_budget(client, parsed.lookup_id)
+        if self._cache.is_known_bad(digest):
+            self._fail(parsed.lookup_id, request, "invalid")
+            raise InvalidToken()
+        epoch = self._cache.epoch
+        record = await self._store.get_by_lookup_id(parsed.lookup_id)
+        reason = self._unusable(record)
+        if reason is not None:
+            # Disabled / expired / unknown keys are refused before argon2: nothing to learn from
+            # the secret, and it keeps a revoked client's retries cheap.
+            self._cache.remember_bad(digest, epoch)
+            self._fail(parsed.lookup_id, request, reason)
+            raise InvalidToken(reason)
+        assert record is not None
+        async with self._verify_slots:
+            started = time.perf_counter()
+            ok = await asyncio.to_thread(self._hasher.verify, record.key_hash, parsed.full)
+            self._metrics.argon2_seconds.observe(time.perf_counter() - started)
+        if not ok:
+            self._cache.remember_bad(digest, epoch)
+            self._fail(parsed.lookup_id, request, "invalid")
+            raise InvalidToken()
+        if epoch != self._cache.epoch:
+            # Something was invalidated while we verified: read the key again rather than trust
+            # a record that may predate a disable (the refill race).
+            record = await self._store.get_by_lookup_id(parsed.lookup_id)
+            reason = self._unusable(record)
+            if reason is not None:
+                self._fail(parsed.lookup_id, request, reason)
+                raise InvalidToken(reason)
+            assert record is not None
+        if self._hasher.needs_rehash(record.key_hash):
+            self._spawn(self._rehash(record.id, parsed.full))
+        principal = Principal.from_record(record, self._settings)
+        self._cache.put(digest, principal, epoch)
+        self._metrics.cache_size.set(len(self._cache))
+        self._last_used.touch(principal.key_id)
+        return principal
+
+    def _unusable(self, record: KeyRecord | None) -> str | None:
+        if record is None:
+            return "invalid"
+        if record.workspace != self._settings.workspace:
+            return "workspace"
+        if record.status == DISABLED:
+            return "disabled"
+        deadline = record.deadline()
+        if deadline is not None and time.time() >= deadline:
+            return "expired"
+        return None
+
+    async def _rehash(self, key_id: str, full_key: str) -> None:
+        # argon2 parameters changed since this hash was made (SPEC 2): store a fresh hash.
+        async with self._verify_slots:
+            new_hash = await asyncio.to_thread(self._hasher.hash, full_key)
+        await self._store.update_hash(key_id, new_hash)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def close(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)

@@ -1,0 +1,193 @@
+"""Key management shared by the admin API and the CLI: validate -> store (+ audit, one
+transaction) -> tell the running proxy (cache invalidation and stream cut).
+
+Validation errors are :class:`ApiError` naming the offending field, so the API and the CLI
+report the same words.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import secrets
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from sidecar.apikeys import ALPHABET, KeyHasher, generate_key, preview
+from sidecar.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
+from sidecar.errors import ApiError, NameTaken
+from sidecar.settings import Settings
+from sidecar.store import (
+    DISABLED,
+    ENABLED,
+    DuplicateLookupId,
+    DuplicateName,
+    KeyRecord,
+    KeyStore,
+    to_rfc3339,
+    utcnow,
+)
+
+NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+ChangeHook = Callable[[KeyRecord], None]
+
+
+def new_key_id() -> str:
+    return "key_" + "".join(secrets.choice(ALPHABET) for _ in range(16))
+
+
+def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
+    """The public key object (SPEC 5); never the hash, never the key."""
+    return {
+        "id": record.id,
+        "name": record.name,
+        "preview": preview(record.lookup_id),
+        "roles": sorted(record.roles),
+        "permissions": sorted(settings.permissions_for(record.roles)),
+        "workspace": record.workspace,
+        "status": record.status,
+        "created_at": to_rfc3339(record.created_at),
+        "created_by": record.created_by,
+        "last_used_at": to_rfc3339(record.last_used_at),
+        "disabled_at": to_rfc3339(record.disabled_at),
+        "expires_at": to_rfc3339(record.expires_at),
+        "disable_at": to_rfc3339(record.disable_at),
+    }
+
+
+def validate_name(name: object, field: str = "name") -> str:
+    if not isinstance(name, str) or not NAME_RULE.match(name):
+        raise ApiError(422, "invalid_name", "name must be 1-64 characters of A-Z a-z 0-9 . _ -", field)
+    return name
+
+
+def validate_roles(roles: object, settings: Settings) -> tuple[str, ...]:
+    valid = sorted(settings.roles)
+    if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
+        raise ApiError(422, "invalid_roles", "roles must be a list of role names", "roles",
+                       {"valid_roles": valid})
+    if not roles:
+        raise ApiError(422, "invalid_roles", "at least one role is required", "roles", {"valid_roles": valid})
+    unknown = sorted({r for r in roles if r not in settings.roles})
+    if unknown:
+        raise ApiError(422, "unknown_role",
+                       f"unknown role(s) {', '.join(unknown)}; valid roles: {', '.join(valid)}", "roles",
+                       {"valid_roles": valid})
+    return tuple(sorted(set(roles)))
+
+
+def parse_time(value: object, field: str, *, future: bool = True) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time string", field)
+    text = value.strip()
+    # RFC 3339 5.6 requires a time zone: "Z" or an offset.
+    if not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", text):
+        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time with a time zone", field)
+    try:
+        parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00")).astimezone(UTC)
+    except ValueError:
+        raise ApiError(422, "invalid_time", f"{field} is not a valid date-time", field) from None
+    if future and parsed <= datetime.now(UTC):
+        raise ApiError(422, "invalid_time", f"{field} must be in the future", field)
+    return parsed
+
+
+class KeyManager:
+    def __init__(self, settings: Settings, store: KeyStore, hasher: KeyHasher, audit: AuditLog,
+                 on_change: ChangeHook | None = None) -> None:
+        self._settings = settings
+        self._store = store
+        self._hasher = hasher
+        self._audit = audit
+        self._on_change = on_change
+
+    async def create(self, *, name: object, roles: object, actor: str, client: str | None,
+                     expires_at: object = None, extra_audit: Sequence[Any] = (),
+                     details: Mapping[str, Any] | None = None) -> tuple[KeyRecord, str]:
+        """Create a key; returns the record and the full key (the only time it exists)."""
+        valid_name = validate_name(name)
+        valid_roles = validate_roles(roles, self._settings)
+        expiry = parse_time(expires_at, "expires_at")
+        for _ in range(5):  # a lookup-id collision (62**8 space) is astronomically rare; retry
+            key = generate_key()
+            key_hash = await asyncio.to_thread(self._hasher.hash, key.full)
+            now = utcnow()
+            record = KeyRecord(
+                id=new_key_id(), lookup_id=key.lookup_id, name=valid_name, roles=valid_roles,
+                workspace=self._settings.workspace, status=ENABLED, created_at=now, created_by=actor,
+                key_hash=key_hash, expires_at=expiry,
+            )
+            event = self._audit.event(KEY_CREATED, actor, key_id=record.id, key_name=record.name,
+                                      client=client, details={"roles": list(valid_roles),
+                                                              "expires_at": to_rfc3339(expiry),
+                                                              **(details or {})})
+            try:
+                stored = await self._store.insert_key(record, [event, *extra_audit])
+            except DuplicateName:
+                raise NameTaken(valid_name) from None
+            except DuplicateLookupId:
+                continue
+            self._audit.emitted(event)
+            for extra in extra_audit:
+                self._audit.emitted(extra)
+            return stored, key.full
+        raise ApiError(500, "internal_error", "could not allocate a key id")
+
+    async def get(self, key_id: str) -> KeyRecord:
+        record = await self._store.get_key(key_id)
+        if record is None or record.workspace != self._settings.workspace:
+            raise ApiError(404, "not_found", f"no key with id {key_id!r}", "id")
+        return record
+
+    async def list(self) -> list[KeyRecord]:
+        return await self._store.list_keys(self._settings.workspace)
+
+    async def set_status(self, key_id: str, status: str, *, actor: str, client: str | None,
+                         details: Mapping[str, Any] | None = None) -> KeyRecord:
+        current = await self.get(key_id)
+        action = KEY_DISABLED if status == DISABLED else KEY_ENABLED
+        event = self._audit.event(action, actor, key_id=current.id, key_name=current.name, client=client,
+                                  details={"previous_status": current.status, **(details or {})})
+        updated = await self._store.set_status(key_id, status, utcnow(), event)
+        if updated is None:
+            raise ApiError(404, "not_found", f"no key with id {key_id!r}", "id")
+        # Tell the running proxy before answering: the next request with this key is refused
+        # and its open streams are cut (SPEC 2: no cache delay).
+        if self._on_change is not None:
+            self._on_change(updated)
+        self._audit.emitted(event)
+        return updated
+
+    async def rotate(self, key_id: str, *, name: object, actor: str, client: str | None,
+                     disable_old_at: object = None) -> tuple[KeyRecord, str, KeyRecord]:
+        """New key with the old key's roles; optionally schedule the old one's disable."""
+        old = await self.get(key_id)
+        when = parse_time(disable_old_at, "disable_old_at")
+        valid_name = validate_name(name)
+        # Roles no longer in the config are dropped; at least one must remain.
+        roles = [r for r in old.roles if r in self._settings.roles]
+        rotated = self._audit.event(KEY_ROTATED, actor, key_id=old.id, key_name=old.name, client=client,
+                                    details={"new_key_name": valid_name, "disable_old_at": to_rfc3339(when)})
+        new, full = await self.create(name=valid_name, roles=roles, actor=actor, client=client,
+                                      extra_audit=[rotated], details={"rotated_from": old.id})
+        if when is not None:
+            await self._store.schedule_disable(old.id, when)
+            old = await self.get(old.id)
+            if self._on_change is not None:
+                self._on_change(old)
+        return new, full, old
+
+
+async def run_scheduled_disables(manager: KeyManager, store: KeyStore,
+                                 notify: Callable[[KeyRecord], Awaitable[None]] | None = None) -> int:
+    """Disable keys whose scheduled time (from a rotation) has come; returns how many."""
+    due = await store.due_scheduled_disables(utcnow())
+    for record in due:
+        updated = await manager.set_status(record.id, DISABLED, actor="scheduler", client=None,
+                                           details={"reason": "scheduled by rotation"})
+        if notify is not None:
+            await notify(updated)
+    return len(due)

@@ -1,0 +1,74 @@
+"""Every Prometheus metric of the sidecar (SPEC 7), registered on an injected registry.
+
+Labels are bounded by construction: status class, a fixed set of methods, a fixed set of
+failure reasons. Never a key, a path, a client address or free text. Hot-path children are
+resolved once and kept in dicts so a request pays a dict lookup, not ``.labels()``.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+PREFIX = "toolio_sidecar_"
+METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
+STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+AUTH_FAILURE_REASONS = ("missing", "malformed", "invalid", "disabled", "expired", "rate_limited",
+                        "workspace")
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+        self.requests = Counter(
+            PREFIX + "requests", "Proxied requests by response status class and method.",
+            ("status_class", "method"), registry=registry)
+        self.auth_failures = Counter(
+            PREFIX + "auth_failures", "Failed authentications by reason.", ("reason",), registry=registry)
+        self.cache_hits = Counter(PREFIX + "cache_hits", "Verified-key cache hits.", registry=registry)
+        self.cache_misses = Counter(PREFIX + "cache_misses", "Verified-key cache misses.", registry=registry)
+        self.cache_evictions = Counter(
+            PREFIX + "cache_evictions", "Verified keys evicted by the LRU bound.", registry=registry)
+        self.cache_size = Gauge(PREFIX + "cache_size", "Verified keys in the cache.", registry=registry)
+        self.argon2_seconds = Histogram(
+            PREFIX + "argon2_verify_seconds", "Duration of argon2id verifications.", registry=registry,
+            buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5))
+        self.upstream_head_seconds = Histogram(
+            PREFIX + "upstream_response_head_seconds",
+            "Time from sending a request upstream to its response head.", registry=registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
+        self.open_streams = Gauge(
+            PREFIX + "open_streams", "Responses currently streaming to clients.", registry=registry)
+        self.keys = Gauge(PREFIX + "keys", "Keys in the store by status.", ("status",), registry=registry)
+        self.audit_write_failures = Counter(
+            PREFIX + "audit_write_failures", "Audit events that could not be written to the store.",
+            registry=registry)
+        self.upstream_errors = Counter(
+            PREFIX + "upstream_errors", "Upstream failures by kind.", ("kind",), registry=registry)
+        self.build_info = Info(PREFIX + "build", "Build information.", registry=registry)
+        try:
+            version = metadata.version("toolio-sidecar")
+        except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
+            version = "unknown"
+        self.build_info.info({"version": version})
+
+        self._request_children = {
+            (cls, method): self.requests.labels(cls, method)
+            for cls in STATUS_CLASSES for method in (*METHODS, "OTHER")
+        }
+        self._failure_children = {r: self.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
+        for kind in ("unreachable", "timeout", "reset", "pool_exhausted", "body_too_large"):
+            self.upstream_errors.labels(kind)
+        for status in ("enabled", "disabled"):
+            self.keys.labels(status)
+
+    def count_request(self, status: int, method: str) -> None:
+        cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
+        child = self._request_children.get((cls, method))
+        if child is None:
+            child = self._request_children[(cls, "OTHER")]
+        child.inc()
+
+    def count_auth_failure(self, reason: str) -> None:
+        self._failure_children.get(reason, self._failure_children["invalid"]).inc()

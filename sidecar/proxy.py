@@ -1,0 +1,361 @@
+"""The proxy: header filtering, forwarding, streaming both ways, upstream error mapping.
+
+The request's path through here: ``ProxyHandler.__call__`` -> guards (target form, Upgrade,
+Origin, declared size) -> ``Authenticator.authenticate`` -> session binding -> ``upstream_headers``
+(strip credentials and spoofable identity, add ours and the signed assertion) -> one pooled
+``ClientSession`` request whose body is streamed from the client -> response head (bounded by
+``upstream_timeout_seconds``) -> response body streamed chunk by chunk, no total timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass
+
+import aiohttp
+from aiohttp import web
+from cachetools import TTLCache
+from multidict import CIMultiDict
+
+from sidecar.assertion import Signer
+from sidecar.auth import Authenticator
+from sidecar.errors import AuthError, ProxyError
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.peers import Network, client_address, is_trusted
+from sidecar.principal import Principal
+from sidecar.settings import ProxySettings
+
+# RFC 9110 7.6.1: connection-specific fields a proxy must not forward, plus the fields this
+# proxy owns itself: Host (the upstream's own, SPEC 3), Expect (100-continue is answered here)
+# and credentials (MCP authorization spec: servers MUST NOT pass tokens through).
+HOP_BY_HOP = frozenset({
+    "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer",
+    "proxy-authorization", "proxy-authenticate",
+})
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "authorization"}
+_FORWARDED = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
+                        "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"})
+_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
+IDENTITY_HEADERS = ("X-Toolio-Key-Id", "X-Toolio-Key-Name", "X-Toolio-Workspace", "X-Toolio-Roles",
+                    "X-Toolio-Permissions", "X-Toolio-Assertion")
+SESSION_HEADER = "Mcp-Session-Id"
+
+
+def connection_tokens(values: Iterable[str]) -> set[str]:
+    """Field names listed in Connection headers (RFC 9110 7.6.1), lower-cased."""
+    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
+
+
+def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
+                     peer: str, peer_trusted: bool, proto: str, host: str) -> CIMultiDict[str]:
+    """What goes upstream: the client's headers minus credentials, hop-by-hop fields, anything
+    that could pose as our identity headers, and untrusted forwarding info; plus exactly one
+    of each identity and X-Forwarded-* header."""
+    items = list(incoming)
+    named_in_connection = connection_tokens(v for k, v in items if k.lower() == "connection")
+    out: CIMultiDict[str] = CIMultiDict()
+    forwarded_for: list[str] = []
+    forwarded_proto: str | None = None
+    forwarded_host: str | None = None
+    for name, value in items:
+        lower = name.lower()
+        # Names with "_" are dropped outright: some servers (CGI, WSGI, many frameworks) read
+        # "X_Toolio_Key_Id" as "X-Toolio-Key-Id", which would let a client spoof identity.
+        if "_" in lower or lower in _REQUEST_DROP or lower in named_in_connection:
+            continue
+        if lower.startswith("x-toolio-"):
+            continue
+        if lower in _FORWARDED:
+            if peer_trusted:
+                if lower == "x-forwarded-for":
+                    forwarded_for.extend(h.strip() for h in value.split(",") if h.strip())
+                elif lower == "x-forwarded-proto" and forwarded_proto is None:
+                    forwarded_proto = value.strip()
+                elif lower == "x-forwarded-host" and forwarded_host is None:
+                    forwarded_host = value.strip()
+                elif lower == "forwarded":
+                    out.add(name, value)
+            continue
+        out.add(name, value)
+    # X-Forwarded-For lists hops left to right; the peer we saw is always the last one.
+    forwarded_for.append(peer)
+    out["X-Forwarded-For"] = ", ".join(forwarded_for)
+    out["X-Forwarded-Proto"] = forwarded_proto or proto
+    out["X-Forwarded-Host"] = forwarded_host or host
+    out["X-Toolio-Key-Id"] = principal.key_id
+    out["X-Toolio-Key-Name"] = principal.name
+    out["X-Toolio-Workspace"] = principal.workspace
+    out["X-Toolio-Roles"] = principal.roles_header
+    out["X-Toolio-Permissions"] = principal.permissions_header
+    out["X-Toolio-Assertion"] = assertion
+    return out
+
+
+def response_headers(headers: Mapping[str, str] | CIMultiDict[str],
+                     items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+    named = connection_tokens(headers.getall("Connection", []) if isinstance(headers, CIMultiDict) else [])
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in items:
+        lower = name.lower()
+        if lower in _RESPONSE_DROP or lower in named:
+            continue
+        out.add(name, value)
+    return out
+
+
+class StreamRegistry:
+    """In-flight proxied requests per key id, so that disabling a key can cut its open streams
+    (SPEC 2: within 1 s) and shutdown can wait for them to drain."""
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, set[asyncio.Task[object]]] = {}
+        self.cut_tasks: set[asyncio.Task[object]] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
+        self._count = 0
+
+    def add(self, key_id: str, task: asyncio.Task[object]) -> None:
+        tasks = self._by_key.get(key_id)
+        if tasks is None:
+            tasks = self._by_key[key_id] = set()
+        tasks.add(task)
+        self._count += 1
+        self.idle.clear()
+
+    def discard(self, key_id: str, task: asyncio.Task[object]) -> None:
+        tasks = self._by_key.get(key_id)
+        if tasks is not None and task in tasks:
+            tasks.discard(task)
+            self._count -= 1
+            if not tasks:
+                del self._by_key[key_id]
+            if self._count == 0:
+                self.idle.set()
+        self.cut_tasks.discard(task)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def cut(self, key_id: str) -> int:
+        """Cancel every in-flight request of ``key_id``; returns how many."""
+        tasks = list(self._by_key.get(key_id, ()))
+        for task in tasks:
+            self.cut_tasks.add(task)
+            task.cancel()
+        return len(tasks)
+
+    def cut_all(self) -> int:
+        return sum(self.cut(key_id) for key_id in list(self._by_key))
+
+
+class SessionBindings:
+    """Mcp-Session-Id -> the key id that opened it (MCP security best practices: bind sessions
+    to the caller). Bounded and expiring; an entry is refreshed by use."""
+
+    def __init__(self, maxsize: int, ttl: float) -> None:
+        self._owners: TTLCache[str, str] = TTLCache(maxsize, ttl, timer=time.monotonic)
+
+    def owner(self, session_id: str) -> str | None:
+        return self._owners.get(session_id)
+
+    def bind(self, session_id: str, key_id: str) -> None:
+        self._owners[session_id] = key_id
+
+    def forget(self, session_id: str) -> None:
+        self._owners.pop(session_id, None)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+@dataclass(slots=True)
+class _Outcome:
+    status: int = 0
+    bytes_out: int = 0
+
+
+class ProxyHandler:
+    def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
+                 session: aiohttp.ClientSession, metrics: Metrics, log: JsonLog,
+                 streams: StreamRegistry, bindings: SessionBindings) -> None:
+        self._settings = settings
+        self._upstream = settings.upstream
+        self._trusted: tuple[Network, ...] = settings.trusted_proxies
+        self._auth = authenticator
+        self._signer = signer
+        self._session = session
+        self._metrics = metrics
+        self._log = log
+        self._streams = streams
+        self._bindings = bindings
+        self._head_timeout = settings.upstream_timeout_seconds
+        self._in_flight_upstream = 0
+
+    def client_address(self, request: web.BaseRequest) -> str:
+        return client_address(request, self._trusted)
+
+    async def __call__(self, request: web.Request) -> web.StreamResponse:
+        started = time.perf_counter()
+        outcome = _Outcome()
+        principal: Principal | None = None
+        try:
+            self._guard(request)
+            principal = await self._auth.authenticate(request)
+            return await self._forward(request, principal, outcome)
+        except (AuthError, ProxyError) as exc:
+            outcome.status = exc.status
+            return exc.response()
+        finally:
+            status = outcome.status or 499  # 499: the client went away before an answer
+            self._metrics.count_request(status, request.method)
+            self._log.access({
+                "key_id": principal.key_id if principal else None,
+                "key_name": principal.name if principal else None,
+                "client": request.remote,
+                "method": request.method,
+                "path": request.path,
+                "mcp_method": request.headers.get("Mcp-Method"),
+                "mcp_name": request.headers.get("Mcp-Name"),
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "bytes_in": request.content_length,
+                "bytes_out": outcome.bytes_out,
+            })
+
+    def _guard(self, request: web.Request) -> None:
+        # An absolute-form or asterisk-form target (RFC 9112 3.2.2/3.2.4) must never steer the
+        # upstream: only origin-form paths are forwarded.
+        if not request.raw_path.startswith("/"):
+            raise ProxyError(400, "invalid_request", "Only origin-form request targets are accepted")
+        if "Upgrade" in request.headers:
+            raise ProxyError(400, "invalid_request", "Protocol upgrades are not supported")
+        origin = request.headers.get("Origin")
+        # MCP transport spec (Streamable HTTP, security warning): validate Origin to stop DNS
+        # rebinding from browsers; requests without Origin (non-browser agents) pass.
+        if origin is not None and origin.lower() not in self._settings.allowed_origins:
+            raise ProxyError(403, "origin_not_allowed", "This Origin is not allowed")
+        length = request.content_length
+        if length is not None and length > self._settings.max_body_bytes:
+            raise ProxyError(413, "body_too_large",
+                             f"Request body exceeds {self._settings.max_body_bytes} bytes")
+
+    async def _forward(self, request: web.Request, principal: Principal,
+                       outcome: _Outcome) -> web.StreamResponse:
+        session_id = request.headers.get(SESSION_HEADER)
+        if session_id is not None:
+            owner = self._bindings.owner(session_id)
+            if owner is not None and owner != principal.key_id:
+                raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
+        path_qs = request.raw_path
+        peer_trusted = is_trusted(request.remote, self._trusted)
+        headers = upstream_headers(
+            request.headers.items(), principal=principal,
+            assertion=self._signer.sign(principal, request.method, path_qs),
+            peer=request.remote or "unknown", peer_trusted=peer_trusted, proto=request.scheme,
+            host=request.host,
+        )
+        too_large = False
+
+        async def body() -> AsyncIterator[bytes]:
+            nonlocal too_large
+            total = 0
+            limit = self._settings.max_body_bytes
+            async for chunk in request.content.iter_any():
+                total += len(chunk)
+                if total > limit:
+                    too_large = True
+                    raise _BodyTooLarge()
+                yield chunk
+
+        data = body() if request.body_exists else None
+        task: asyncio.Task[object] | None = asyncio.current_task()
+        assert task is not None
+        self._streams.add(principal.key_id, task)
+        up: aiohttp.ClientResponse | None = None
+        queued = self._in_flight_upstream >= self._settings.upstream_max_connections
+        self._in_flight_upstream += 1
+        try:
+            sent = time.perf_counter()
+            try:
+                async with asyncio.timeout(self._head_timeout):
+                    up = await self._session.request(
+                        request.method, self._upstream + path_qs, headers=headers, data=data,
+                        allow_redirects=False,
+                    )
+            except TimeoutError:
+                if too_large:
+                    raise self._too_large() from None
+                self._metrics.upstream_errors.labels("timeout").inc()
+                raise ProxyError(504, "upstream_timeout",
+                                 "The MCP server did not answer in time") from None
+            except aiohttp.ConnectionTimeoutError:
+                if queued:
+                    self._metrics.upstream_errors.labels("pool_exhausted").inc()
+                    raise ProxyError(503, "upstream_busy", "Too many requests in flight; retry") from None
+                self._metrics.upstream_errors.labels("unreachable").inc()
+                raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
+            except (aiohttp.ClientError, _BodyTooLarge, OSError) as exc:
+                if too_large or isinstance(exc, _BodyTooLarge):
+                    raise self._too_large() from None
+                self._metrics.upstream_errors.labels("unreachable").inc()
+                raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
+            self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
+            new_session = up.headers.get(SESSION_HEADER)
+            if new_session is not None:
+                self._bindings.bind(new_session, principal.key_id)
+            if request.method == "DELETE" and session_id is not None and 200 <= up.status < 300:
+                self._bindings.forget(session_id)
+            return await self._relay(request, up, outcome)
+        except asyncio.CancelledError:
+            if task in self._streams.cut_tasks:
+                # The key was disabled: close the client connection, not just this response.
+                if request.transport is not None:
+                    request.transport.close()
+            raise
+        finally:
+            self._in_flight_upstream -= 1
+            self._streams.discard(principal.key_id, task)
+            if up is not None:
+                up.close()  # close, not release: never return a half-read connection to the pool
+
+    def _too_large(self) -> ProxyError:
+        self._metrics.upstream_errors.labels("body_too_large").inc()
+        return ProxyError(413, "body_too_large", f"Request body exceeds {self._settings.max_body_bytes} bytes")
+
+    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse,
+                     outcome: _Outcome) -> web.StreamResponse:
+        resp = web.StreamResponse(status=up.status, reason=up.reason,
+                                  headers=response_headers(up.headers, up.headers.items()))
+        length = up.content_length
+        if length is not None and request.method != "HEAD":
+            resp.content_length = length
+        outcome.status = up.status
+        streaming = up.content_type == "text/event-stream"
+        if streaming:
+            self._metrics.open_streams.inc()
+        try:
+            await resp.prepare(request)
+            if request.method == "HEAD" or up.status in (204, 304):
+                await resp.write_eof()
+                return resp
+            try:
+                async for chunk in up.content.iter_any():
+                    outcome.bytes_out += len(chunk)
+                    await resp.write(chunk)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+                # Upstream reset mid-stream: a chunked/SSE response can still end cleanly; one with
+                # a Content-Length cannot, so the connection is closed instead of lying.
+                self._metrics.upstream_errors.labels("reset").inc()
+                if length is not None:
+                    if request.transport is not None:
+                        request.transport.close()
+                    return resp
+            await resp.write_eof()
+            return resp
+        finally:
+            if streaming:
+                self._metrics.open_streams.dec()

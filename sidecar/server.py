@@ -1,0 +1,157 @@
+"""Running both listeners: connection guards, graceful drain on SIGTERM.
+
+Drain order (SPEC 5 readiness, issue "graceful drain"): readiness turns 503 at once; after a
+short delay (so the load balancer / kube-proxy stops sending new connections) the listeners
+close; in-flight requests and SSE streams may finish for up to ``shutdown_grace_seconds``;
+then the rest are cut, batched state is flushed and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from sidecar.app import SidecarApps, create_app
+from sidecar.logs import JsonLog, install
+from sidecar.settings import ListenAddress, Settings
+
+
+class GuardedRequestHandler(RequestHandler):
+    """aiohttp's connection handler plus a request-head deadline (slowloris): a client that has
+    not sent a complete request head within ``head_timeout`` seconds of its first byte (or of
+    connecting) is disconnected. Idle keep-alive is bounded by aiohttp's keepalive_timeout."""
+
+    head_timeout = 5.0
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._arm()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and not self._request_in_progress and not self._messages:
+            self._arm()
+        before = self._request_count
+        super().data_received(data)
+        if self._request_count != before:
+            self._disarm()
+
+    def _arm(self) -> None:
+        self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
+
+    def _disarm(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_expired(self) -> None:
+        self._head_timer = None
+        if not self._request_in_progress and not self._messages:
+            self.force_close()
+            if self.transport is not None:
+                self.transport.close()
+
+
+def _guarded_server(head_timeout: float) -> type[web.Server]:
+    handler_class = type("HeadTimeoutRequestHandler", (GuardedRequestHandler,), {"head_timeout": head_timeout})
+
+    class GuardedServer(web.Server):
+        def __call__(self) -> RequestHandler:
+            return handler_class(self, loop=self._loop, **self._kwargs)  # type: ignore[no-any-return]
+
+    return GuardedServer
+
+
+class SidecarRunner(web.AppRunner):
+    """AppRunner whose connections get :class:`GuardedRequestHandler`."""
+
+    def __init__(self, app: web.Application, *, head_timeout: float, **kwargs: Any) -> None:
+        super().__init__(app, **kwargs)
+        self._head_timeout = head_timeout
+
+    async def _make_server(self) -> web.Server:
+        server = await super()._make_server()
+        server.__class__ = _guarded_server(self._head_timeout)
+        return server
+
+
+def runner_for(app: web.Application, settings: Settings) -> SidecarRunner:
+    return SidecarRunner(
+        app,
+        head_timeout=settings.proxy.header_timeout_seconds,
+        # A client that goes away cancels its handler, which closes the upstream request at once
+        # (aiohttp's default keeps upstream connections open after clients disconnect).
+        handler_cancellation=True,
+        access_log=None,  # we write our own JSON access lines
+        keepalive_timeout=settings.proxy.keepalive_timeout_seconds,
+        shutdown_timeout=settings.shutdown_grace_seconds,
+    )
+
+
+async def start(apps: SidecarApps, settings: Settings) -> list[SidecarRunner]:
+    runners = []
+    for app, listen in ((apps.proxy, settings.proxy.listen), (apps.admin, settings.admin.listen)):
+        runner = runner_for(app, settings)
+        await runner.setup()
+        await _site(runner, listen).start()
+        runners.append(runner)
+    return runners
+
+
+def _site(runner: web.BaseRunner, listen: ListenAddress) -> web.TCPSite:
+    return web.TCPSite(runner, listen.host, listen.port, reuse_address=True, backlog=1024)
+
+
+async def drain(apps: SidecarApps, runners: list[SidecarRunner], settings: Settings,
+                pre_stop_delay: float = 1.0) -> None:
+    services = apps.services
+    services.draining = True
+    services.log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
+    await asyncio.sleep(min(pre_stop_delay, settings.shutdown_grace_seconds))
+    # Stop accepting new connections on the public listener; in-flight requests continue.
+    for site in list(runners[0].sites):
+        await site.stop()
+    try:
+        await asyncio.wait_for(services.streams.idle.wait(), timeout=settings.shutdown_grace_seconds)
+    except TimeoutError:
+        services.log.warning("grace period over; closing open streams", open=len(services.streams))
+        services.streams.cut_all()
+    for runner in reversed(runners):
+        await runner.cleanup()
+
+
+async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
+                started: asyncio.Event | None = None) -> None:
+    """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
+    log = JsonLog(level=settings.log_level)
+    install(log)
+    apps = create_app(settings, log=log)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    runners = await start(apps, settings)
+    log.info("listening", proxy=str(settings.proxy.listen), admin=str(settings.admin.listen),
+             upstream=settings.proxy.upstream, workspace=settings.workspace)
+    log.flush()
+    if started is not None:
+        started.set()
+    try:
+        await stop.wait()
+        await drain(apps, runners, settings)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    log.info("stopped")
+    log.flush()

@@ -1,0 +1,414 @@
+"""Settings: one TOML file (SPEC 8) plus environment overrides for secrets.
+
+Every value is validated here, at load, so that a bad config stops start-up with a message
+naming the offending key (the CLI turns :class:`SettingsError` into exit status 2). This is
+the only module that reads ``os.environ``-style mappings; callers pass ``environ`` in.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+CONFIG_ENV = "TOOLIO_SIDECAR_CONFIG"
+# PEM block(s), newest first (or the HS256 secret), e.g. from a Kubernetes Secret.
+SIGNING_KEYS_ENV = "TOOLIO_SIDECAR_SIGNING_KEYS"
+
+ALGORITHMS = ("ES256", "EdDSA", "HS256")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+_ROLE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_PERMISSION = re.compile(r"^[A-Za-z0-9._:*-]{1,128}$")
+_WORKSPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+T = TypeVar("T")
+
+
+class SettingsError(ValueError):
+    """A config value is missing, unknown or invalid; ``key`` is its dotted name."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"config: {key}: {message}")
+        self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class ListenAddress:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    listen: ListenAddress = ListenAddress("0.0.0.0", 8080)
+    upstream: str = "http://127.0.0.1:8000"
+    trusted_proxies: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
+    allowed_origins: frozenset[str] = frozenset()
+    max_body_bytes: int = 10 * 1024 * 1024
+    upstream_timeout_seconds: float = 30.0
+    header_timeout_seconds: float = 5.0
+    keepalive_timeout_seconds: float = 75.0
+    upstream_max_connections: int = 100
+    upstream_pool_timeout_seconds: float = 5.0
+    allow_upgrade: bool = False
+    session_binding_max: int = 100_000
+    session_binding_ttl_seconds: float = 86_400.0
+
+
+@dataclass(frozen=True, slots=True)
+class AuthSettings:
+    cache_size: int = 10_000
+    negative_cache_size: int = 10_000
+    negative_cache_ttl_seconds: float = 60.0
+    max_concurrent_verifications: int = 2
+    failures_per_minute_per_address: int = 30
+    failures_per_minute_per_lookup_id: int = 10
+    last_used_flush_seconds: float = 5.0
+    store_poll_seconds: float = 0.25
+
+
+@dataclass(frozen=True, slots=True)
+class Argon2Settings:
+    time_cost: int = 2
+    memory_cost_kib: int = 19_456
+    parallelism: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class AdminSettings:
+    listen: ListenAddress = ListenAddress("127.0.0.1", 9090)
+    required_permission: str = "org:settings"
+    session_idle_timeout_seconds: float = 1800.0
+    session_absolute_timeout_seconds: float = 43_200.0
+    secure_cookies: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SigningSettings:
+    algorithm: str = "ES256"
+    private_key_files: tuple[Path, ...] = ()
+    issuer: str = "toolio-sidecar"
+    audience: str = "toolio-mcp"
+    lifetime_seconds: int = 60
+    # Key material given through the environment (never written to the config file).
+    env_keys: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Role:
+    name: str
+    description: str
+    permissions: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    workspace: str = "acme"
+    data_dir: Path = Path("./data")
+    log_level: str = "info"
+    shutdown_grace_seconds: float = 20.0
+    proxy: ProxySettings = ProxySettings()
+    auth: AuthSettings = AuthSettings()
+    argon2: Argon2Settings = Argon2Settings()
+    admin: AdminSettings = AdminSettings()
+    signing: SigningSettings = SigningSettings()
+    roles: Mapping[str, Role] = field(default_factory=dict)
+
+    @property
+    def database_path(self) -> Path:
+        return self.data_dir / "sidecar.db"
+
+    def permissions_for(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
+        """The union of the roles' permissions (SPEC 1); unknown roles grant nothing."""
+        perms: set[str] = set()
+        for name in roles:
+            role = self.roles.get(name)
+            if role is not None:
+                perms |= role.permissions
+        return frozenset(perms)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading and validation
+
+
+class _Section:
+    """Reads typed values out of one TOML table, remembering which keys were consumed."""
+
+    def __init__(self, data: Mapping[str, Any], prefix: str) -> None:
+        self._data = data
+        self._prefix = prefix
+        self._used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self._prefix}{name}"
+
+    def _get(self, name: str, kind: type[T] | tuple[type, ...], default: T) -> T:
+        self._used.add(name)
+        if name not in self._data:
+            return default
+        value = self._data[name]
+        # bool is an int subclass; refuse True where a number is expected and vice versa.
+        if isinstance(value, bool) and kind is not bool:
+            raise SettingsError(self.key(name), f"expected {_kind_name(kind)}, got a boolean")
+        if not isinstance(value, kind):
+            raise SettingsError(self.key(name), f"expected {_kind_name(kind)}, got {type(value).__name__}")
+        return value  # type: ignore[return-value]
+
+    def string(self, name: str, default: str) -> str:
+        return self._get(name, str, default)
+
+    def boolean(self, name: str, default: bool) -> bool:
+        return self._get(name, bool, default)
+
+    def integer(self, name: str, default: int, *, minimum: int, maximum: int | None = None) -> int:
+        value = self._get(name, int, default)
+        _check_range(self.key(name), value, minimum, maximum)
+        return value
+
+    def number(self, name: str, default: float, *, minimum: float, maximum: float | None = None) -> float:
+        value = float(self._get(name, (int, float), default))
+        _check_range(self.key(name), value, minimum, maximum)
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...] = ()) -> tuple[str, ...]:
+        value = self._get(name, list, list(default))
+        for index, item in enumerate(value):
+            if not isinstance(item, str):
+                raise SettingsError(f"{self.key(name)}[{index}]", "expected a string")
+        return tuple(value)
+
+    def table(self, name: str) -> Mapping[str, Any]:
+        return self._get(name, dict, {})
+
+    def reject_unknown(self) -> None:
+        for name in self._data:
+            if name not in self._used:
+                raise SettingsError(self.key(name), "unknown setting")
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    names = {"str": "a string", "int": "an integer", "float": "a number", "bool": "true or false",
+             "list": "a list", "dict": "a table"}
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(names.get(k.__name__, k.__name__) for k in kinds)
+
+
+def _check_range(key: str, value: float, minimum: float, maximum: float | None) -> None:
+    if value < minimum:
+        raise SettingsError(key, f"must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise SettingsError(key, f"must be at most {maximum}, got {value}")
+
+
+def parse_listen(key: str, text: str) -> ListenAddress:
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host or not port_text.isdigit():
+        raise SettingsError(key, f"expected HOST:PORT, got {text!r}")
+    host = host.strip("[]")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise SettingsError(key, f"port out of range in {text!r}")
+    return ListenAddress(host, port)
+
+
+def _parse_upstream(key: str, text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(key, f"expected an http(s) URL, got {text!r}")
+    if parts.query or parts.fragment or parts.username or parts.password:
+        raise SettingsError(key, "must not contain a query, fragment or credentials")
+    # The request's path is appended (SPEC 3), so a trailing slash would double it.
+    return text.rstrip("/")
+
+
+def _parse_origin(key: str, text: str) -> str:
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.path not in ("", "/"):
+        raise SettingsError(key, f"expected an origin like https://app.example.com, got {text!r}")
+    # RFC 6454 6.2: the serialized origin is scheme://host[:port], lower-case, no path.
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+def load_settings(path: Path | str | None, environ: Mapping[str, str]) -> Settings:
+    """Read and validate the config file at ``path`` (``None``: defaults only)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            with path.open("rb") as handle:
+                data = tomllib.load(handle)
+        except FileNotFoundError:
+            raise SettingsError("config", f"file not found: {path}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError("config", f"not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise SettingsError("config", f"cannot read {path}: {exc.strerror}") from None
+    return settings_from_mapping(data, environ, base_dir=path.parent if path is not None else Path("."))
+
+
+def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *,
+                          base_dir: Path = Path(".")) -> Settings:
+    """Validate an already-parsed TOML document (used by tests and the demo)."""
+    top = _Section(data, "")
+    workspace = top.string("workspace", "acme")
+    if not _WORKSPACE.match(workspace):
+        raise SettingsError("workspace", "1-64 characters of A-Z a-z 0-9 . _ -")
+    data_dir = Path(top.string("data_dir", "./data"))
+    if not data_dir.is_absolute():
+        data_dir = base_dir / data_dir
+    log_level = top.string("log_level", "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise SettingsError("log_level", f"one of {', '.join(LOG_LEVELS)}")
+    grace = top.number("shutdown_grace_seconds", 20.0, minimum=0, maximum=3600)
+
+    proxy = _load_proxy(_Section(top.table("proxy"), "proxy."))
+    auth = _load_auth(_Section(top.table("auth"), "auth."))
+    argon2 = _load_argon2(_Section(top.table("argon2"), "argon2."))
+    admin = _load_admin(_Section(top.table("admin"), "admin."))
+    signing = _load_signing(_Section(top.table("signing"), "signing."), environ, base_dir)
+    roles = _load_roles(top.table("roles"))
+    top.reject_unknown()
+
+    if proxy.listen == admin.listen:
+        raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
+    return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
+                    shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
+                    admin=admin, signing=signing, roles=roles)
+
+
+def _load_proxy(s: _Section) -> ProxySettings:
+    networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    for index, cidr in enumerate(s.strings("trusted_proxies")):
+        try:
+            networks.append(ipaddress.ip_network(cidr, strict=False))
+        except ValueError:
+            raise SettingsError(f"proxy.trusted_proxies[{index}]", f"not a CIDR: {cidr!r}") from None
+    origins = frozenset(_parse_origin(f"proxy.allowed_origins[{i}]", o)
+                        for i, o in enumerate(s.strings("allowed_origins")))
+    result = ProxySettings(
+        listen=parse_listen(s.key("listen"), s.string("listen", "0.0.0.0:8080")),
+        upstream=_parse_upstream(s.key("upstream"), s.string("upstream", "http://127.0.0.1:8000")),
+        trusted_proxies=tuple(networks),
+        allowed_origins=origins,
+        max_body_bytes=s.integer("max_body_bytes", 10 * 1024 * 1024, minimum=0),
+        upstream_timeout_seconds=s.number("upstream_timeout_seconds", 30.0, minimum=0.001),
+        header_timeout_seconds=s.number("header_timeout_seconds", 5.0, minimum=0.1, maximum=300),
+        keepalive_timeout_seconds=s.number("keepalive_timeout_seconds", 75.0, minimum=0, maximum=3600),
+        upstream_max_connections=s.integer("upstream_max_connections", 100, minimum=1),
+        upstream_pool_timeout_seconds=s.number("upstream_pool_timeout_seconds", 5.0, minimum=0.001),
+        allow_upgrade=s.boolean("allow_upgrade", False),
+        session_binding_max=s.integer("session_binding_max", 100_000, minimum=1),
+        session_binding_ttl_seconds=s.number("session_binding_ttl_seconds", 86_400.0, minimum=1),
+    )
+    s.reject_unknown()
+    return result
+
+
+def _load_auth(s: _Section) -> AuthSettings:
+    result = AuthSettings(
+        cache_size=s.integer("cache_size", 10_000, minimum=1),
+        negative_cache_size=s.integer("negative_cache_size", 10_000, minimum=1),
+        negative_cache_ttl_seconds=s.number("negative_cache_ttl_seconds", 60.0, minimum=0),
+        max_concurrent_verifications=s.integer("max_concurrent_verifications", 2, minimum=1, maximum=64),
+        failures_per_minute_per_address=s.integer("failures_per_minute_per_address", 30, minimum=1),
+        failures_per_minute_per_lookup_id=s.integer("failures_per_minute_per_lookup_id", 10, minimum=1),
+        last_used_flush_seconds=s.number("last_used_flush_seconds", 5.0, minimum=0.05, maximum=3600),
+        store_poll_seconds=s.number("store_poll_seconds", 0.25, minimum=0.01, maximum=1.0),
+    )
+    s.reject_unknown()
+    return result
+
+
+def _load_argon2(s: _Section) -> Argon2Settings:
+    result = Argon2Settings(
+        time_cost=s.integer("time_cost", 2, minimum=1, maximum=100),
+        # RFC 9106 4: memory must be at least 8 * parallelism KiB.
+        memory_cost_kib=s.integer("memory_cost_kib", 19_456, minimum=8, maximum=4 * 1024 * 1024),
+        parallelism=s.integer("parallelism", 1, minimum=1, maximum=64),
+    )
+    if result.memory_cost_kib < 8 * result.parallelism:
+        raise SettingsError("argon2.memory_cost_kib", "must be at least 8 * argon2.parallelism")
+    s.reject_unknown()
+    return result
+
+
+def _load_admin(s: _Section) -> AdminSettings:
+    permission = s.string("required_permission", "org:settings")
+    if not _PERMISSION.match(permission):
+        raise SettingsError("admin.required_permission", f"not a permission name: {permission!r}")
+    idle = s.number("session_idle_timeout_seconds", 1800.0, minimum=1)
+    absolute = s.number("session_absolute_timeout_seconds", 43_200.0, minimum=1)
+    result = AdminSettings(
+        listen=parse_listen(s.key("listen"), s.string("listen", "127.0.0.1:9090")),
+        required_permission=permission,
+        session_idle_timeout_seconds=idle,
+        session_absolute_timeout_seconds=absolute,
+        secure_cookies=s.boolean("secure_cookies", False),
+    )
+    s.reject_unknown()
+    return result
+
+
+def _load_signing(s: _Section, environ: Mapping[str, str], base_dir: Path) -> SigningSettings:
+    algorithm = s.string("algorithm", "ES256")
+    if algorithm not in ALGORITHMS:
+        raise SettingsError("signing.algorithm", f"one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    files = tuple(Path(p) if Path(p).is_absolute() else base_dir / p
+                  for p in s.strings("private_key_files"))
+    for index, file in enumerate(files):
+        if not file.is_file():
+            raise SettingsError(f"signing.private_key_files[{index}]", f"no such file: {file}")
+    issuer = s.string("issuer", "toolio-sidecar")
+    audience = s.string("audience", "toolio-mcp")
+    if not issuer:
+        raise SettingsError("signing.issuer", "must not be empty")
+    if not audience:
+        raise SettingsError("signing.audience", "must not be empty")
+    env_keys = environ.get(SIGNING_KEYS_ENV) or None
+    result = SigningSettings(
+        algorithm=algorithm,
+        private_key_files=files,
+        issuer=issuer,
+        audience=audience,
+        lifetime_seconds=s.integer("lifetime_seconds", 60, minimum=1, maximum=3600),
+        env_keys=env_keys,
+    )
+    s.reject_unknown()
+    return result
+
+
+DEFAULT_ROLES: Mapping[str, Role] = {
+    "viewer": Role("viewer", "Read planning data", frozenset({"plans:read"})),
+    "org-admin": Role("org-admin", "Access organization settings, including API keys",
+                      frozenset({"org:settings"})),
+}
+
+
+def _load_roles(table: Mapping[str, Any]) -> Mapping[str, Role]:
+    if not table:
+        return dict(DEFAULT_ROLES)
+    roles: dict[str, Role] = {}
+    for name, body in table.items():
+        key = f"roles.{name}"
+        if not _ROLE_NAME.match(name):
+            raise SettingsError(key, "role names are 1-64 characters of A-Z a-z 0-9 . _ -")
+        if not isinstance(body, dict):
+            raise SettingsError(key, "expected a table with description and permissions")
+        section = _Section(body, key + ".")
+        description = section.string("description", "")
+        permissions = section.strings("permissions")
+        for index, perm in enumerate(permissions):
+            if not _PERMISSION.match(perm):
+                raise SettingsError(f"{key}.permissions[{index}]", f"not a permission name: {perm!r}")
+        section.reject_unknown()
+        roles[name] = Role(name, description, frozenset(permissions))
+    return roles

@@ -1,0 +1,497 @@
+"""Key and audit storage: the :class:`KeyStore` interface and its SQLite implementation.
+
+Everything SQL- and SQLite-specific stays in this module so that a server database can take
+its place for multi-replica deployments (SPEC 9). SQLite runs in WAL mode with
+``synchronous=FULL``: a key or audit row the API confirmed survives a crash or power loss.
+``last_used_at`` is written in batches by the caller, never once per request.
+
+Change detection for other processes (the CLI writing to the same file): every key change
+bumps a ``revision`` counter; readers poll the cheap ``PRAGMA data_version`` and, when it moves,
+fetch only the keys whose revision is newer than the last one seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+ENABLED = "enabled"
+DISABLED = "disabled"
+
+
+def utcnow() -> datetime:
+    now = datetime.now(UTC)
+    # Millisecond precision: what RFC 3339 strings in the store and the API carry.
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
+
+
+def to_rfc3339(value: datetime | None) -> str | None:
+    """RFC 3339 UTC with a ``Z`` suffix, millisecond precision (SPEC 5: times are RFC 3339 UTC)."""
+    if value is None:
+        return None
+    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def from_rfc3339(text: str | None) -> datetime | None:
+    if text is None:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (not a validation problem)."""
+
+
+class DuplicateName(StoreError):
+    pass
+
+
+class DuplicateLookupId(StoreError):
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    id: str
+    lookup_id: str
+    name: str
+    roles: tuple[str, ...]
+    workspace: str
+    status: str
+    created_at: datetime
+    created_by: str
+    key_hash: str = field(repr=False)
+    last_used_at: datetime | None = None
+    disabled_at: datetime | None = None
+    expires_at: datetime | None = None
+    disable_at: datetime | None = None
+    revision: int = 0
+
+    def deadline(self) -> float | None:
+        """Epoch seconds after which the key no longer authenticates (expiry or scheduled disable)."""
+        times = [t.timestamp() for t in (self.expires_at, self.disable_at) if t is not None]
+        return min(times) if times else None
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    time: datetime
+    action: str
+    actor: str
+    workspace: str
+    key_id: str | None = None
+    key_name: str | None = None
+    client: str | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "time": to_rfc3339(self.time),
+            "action": self.action,
+            "actor": self.actor,
+            "workspace": self.workspace,
+            "key_id": self.key_id,
+            "key_name": self.key_name,
+            "client": self.client,
+            "details": dict(self.details),
+        }
+
+
+class KeyStore(ABC):
+    """What the sidecar needs from a store; every write that changes a key carries its audit row
+    and both land in one transaction (an API success means both are durable)."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store is not usable (readiness)."""
+
+    @abstractmethod
+    async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord: ...
+
+    @abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def list_keys(self, workspace: str) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def set_status(self, key_id: str, status: str, now: datetime,
+                         audit: AuditRecord) -> KeyRecord | None:
+        """Enable or disable (never delete); clears a scheduled disable when enabling."""
+
+    @abstractmethod
+    async def schedule_disable(self, key_id: str, when: datetime | None) -> None: ...
+
+    @abstractmethod
+    async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def update_hash(self, key_id: str, key_hash: str) -> None: ...
+
+    @abstractmethod
+    async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None: ...
+
+    @abstractmethod
+    async def append_audit(self, events: Iterable[AuditRecord]) -> None: ...
+
+    @abstractmethod
+    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]: ...
+
+    @abstractmethod
+    async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
+        """Keys changed after ``revision`` and the newest revision (for cross-process sync)."""
+
+    @abstractmethod
+    async def external_change_marker(self) -> int:
+        """A number that moves when another connection/process commits (cheap to poll)."""
+
+    @abstractmethod
+    async def count_by_status(self, workspace: str) -> dict[str, int]: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# SQLite
+
+# Versioned migrations, applied in order inside one transaction each; PRAGMA user_version is the
+# schema version. Never edit a released step: append a new one.
+MIGRATIONS: tuple[str, ...] = (
+    """
+    CREATE TABLE keys (
+        id            TEXT PRIMARY KEY,
+        lookup_id     TEXT NOT NULL UNIQUE,
+        name          TEXT NOT NULL,
+        roles         TEXT NOT NULL,          -- JSON array
+        workspace     TEXT NOT NULL,
+        status        TEXT NOT NULL CHECK (status IN ('enabled', 'disabled')),
+        key_hash      TEXT NOT NULL,          -- argon2id PHC string; the key itself is never stored
+        created_at    TEXT NOT NULL,
+        created_by    TEXT NOT NULL,
+        last_used_at  TEXT,
+        disabled_at   TEXT,
+        expires_at    TEXT,
+        disable_at    TEXT,
+        revision      INTEGER NOT NULL,
+        UNIQUE (workspace, name)
+    );
+    CREATE INDEX keys_revision ON keys (revision);
+    CREATE INDEX keys_disable_at ON keys (disable_at) WHERE disable_at IS NOT NULL;
+    CREATE TABLE audit_events (
+        id        INTEGER PRIMARY KEY AUTOINCREMENT,
+        time      TEXT NOT NULL,
+        action    TEXT NOT NULL,
+        actor     TEXT NOT NULL,
+        workspace TEXT NOT NULL,
+        key_id    TEXT,
+        key_name  TEXT,
+        client    TEXT,
+        details   TEXT NOT NULL
+    );
+    CREATE INDEX audit_workspace_id ON audit_events (workspace, id);
+    -- Append-only (SPEC 6): the database itself refuses edits of audit rows.
+    CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_events
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+    INSERT INTO counters (name, value) VALUES ('revision', 0);
+    """,
+)
+
+_KEY_COLUMNS = ("id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by, "
+                "last_used_at, disabled_at, expires_at, disable_at, revision")
+
+
+def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
+    (key_id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by,
+     last_used_at, disabled_at, expires_at, disable_at, revision) = tuple(row)
+    return KeyRecord(
+        id=key_id, lookup_id=lookup_id, name=name, roles=tuple(json.loads(roles)), workspace=workspace,
+        status=status, key_hash=key_hash, created_at=from_rfc3339(created_at) or datetime.now(UTC),
+        created_by=created_by, last_used_at=from_rfc3339(last_used_at),
+        disabled_at=from_rfc3339(disabled_at), expires_at=from_rfc3339(expires_at),
+        disable_at=from_rfc3339(disable_at), revision=revision,
+    )
+
+
+def _audit_params(event: AuditRecord) -> tuple[Any, ...]:
+    return (to_rfc3339(event.time), event.action, event.actor, event.workspace, event.key_id,
+            event.key_name, event.client, json.dumps(dict(event.details), sort_keys=True))
+
+
+_AUDIT_INSERT = ("INSERT INTO audit_events (time, action, actor, workspace, key_id, key_name, client, "
+                 "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
+
+
+class SQLiteKeyStore(KeyStore):
+    """One aiosqlite connection; an asyncio lock serialises transactions on it."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._db: aiosqlite.Connection | None = None
+        self._lock = asyncio.Lock()
+
+    @property
+    def db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise StoreError("store is not open")
+        return self._db
+
+    async def open(self) -> None:
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        # isolation_level=None: we issue BEGIN IMMEDIATE ourselves so that writers take the write
+        # lock up front and never fail half-way with SQLITE_BUSY on upgrade.
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            await db.execute("PRAGMA synchronous = FULL")
+            await db.execute("PRAGMA foreign_keys = ON")
+            await self._migrate(db)
+        except BaseException:
+            await db.close()
+            raise
+        self._db = db
+        try:
+            self._path.chmod(0o600)
+        except OSError:  # pragma: no cover - e.g. a read-only mount owned by someone else
+            pass
+
+    async def _migrate(self, db: aiosqlite.Connection) -> None:
+        await db.execute("BEGIN IMMEDIATE")
+        try:
+            async with db.execute("PRAGMA user_version") as cur:
+                row = await cur.fetchone()
+            version = int(row[0]) if row else 0
+            if version > len(MIGRATIONS):
+                raise StoreError(f"database schema {version} is newer than this sidecar knows "
+                                 f"({len(MIGRATIONS)}); upgrade the sidecar")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                for statement in _split_sql(script):
+                    await db.execute(statement)
+                await db.execute(f"PRAGMA user_version = {number}")
+            await db.execute("COMMIT")
+        except BaseException:
+            await db.execute("ROLLBACK")
+            raise
+
+    async def close(self) -> None:
+        if self._db is not None:
+            db, self._db = self._db, None
+            await db.close()
+
+    async def ping(self) -> None:
+        async with self.db.execute("SELECT 1") as cur:
+            await cur.fetchone()
+
+    async def _next_revision(self) -> int:
+        await self.db.execute("UPDATE counters SET value = value + 1 WHERE name = 'revision'")
+        async with self.db.execute("SELECT value FROM counters WHERE name = 'revision'") as cur:
+            row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                revision = await self._next_revision()
+                await self.db.execute(
+                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (record.id, record.lookup_id, record.name, json.dumps(list(record.roles)),
+                     record.workspace, record.status, record.key_hash, to_rfc3339(record.created_at),
+                     record.created_by, to_rfc3339(record.last_used_at), to_rfc3339(record.disabled_at),
+                     to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision),
+                )
+                await self.db.executemany(_AUDIT_INSERT, [_audit_params(e) for e in audit])
+                await self.db.execute("COMMIT")
+            except sqlite3.IntegrityError as exc:
+                await self.db.execute("ROLLBACK")
+                if "lookup_id" in str(exc):
+                    raise DuplicateLookupId(record.lookup_id) from None
+                raise DuplicateName(record.name) from None
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return replace(record, revision=revision)
+
+    async def _fetch_one(self, sql: str, params: tuple[Any, ...]) -> KeyRecord | None:
+        async with self.db.execute(sql, params) as cur:
+            row = await cur.fetchone()
+        return _key_from_row(row) if row is not None else None
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        return await self._fetch_one(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,))
+
+    async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None:
+        return await self._fetch_one(f"SELECT {_KEY_COLUMNS} FROM keys WHERE lookup_id = ?", (lookup_id,))
+
+    async def list_keys(self, workspace: str) -> list[KeyRecord]:
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE workspace = ? ORDER BY created_at, id", (workspace,)
+        ) as cur:
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def set_status(self, key_id: str, status: str, now: datetime,
+                         audit: AuditRecord) -> KeyRecord | None:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                revision = await self._next_revision()
+                if status == DISABLED:
+                    # Keep the first disable time when disabling twice.
+                    sql = ("UPDATE keys SET status = 'disabled', disabled_at = COALESCE("
+                           "CASE WHEN status = 'disabled' THEN disabled_at END, ?), disable_at = NULL, "
+                           "revision = ? WHERE id = ?")
+                    params: tuple[Any, ...] = (to_rfc3339(now), revision, key_id)
+                else:
+                    sql = ("UPDATE keys SET status = 'enabled', disabled_at = NULL, disable_at = NULL, "
+                           "revision = ? WHERE id = ?")
+                    params = (revision, key_id)
+                cur = await self.db.execute(sql, params)
+                if cur.rowcount == 0:
+                    await self.db.execute("ROLLBACK")
+                    return None
+                await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return await self.get_key(key_id)
+
+    async def schedule_disable(self, key_id: str, when: datetime | None) -> None:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                revision = await self._next_revision()
+                await self.db.execute("UPDATE keys SET disable_at = ?, revision = ? WHERE id = ?",
+                                      (to_rfc3339(when), revision, key_id))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]:
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE disable_at IS NOT NULL AND disable_at <= ? "
+            "AND status = 'enabled'", (to_rfc3339(now),)
+        ) as cur:
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def update_hash(self, key_id: str, key_hash: str) -> None:
+        async with self._lock:
+            await self.db.execute("UPDATE keys SET key_hash = ? WHERE id = ?", (key_hash, key_id))
+
+    async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None:
+        if not last_used:
+            return
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                # MAX keeps the newest time when several sidecars share the store.
+                await self.db.executemany(
+                    "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
+                    [(to_rfc3339(when), key_id) for key_id, when in last_used.items()],
+                )
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def append_audit(self, events: Iterable[AuditRecord]) -> None:
+        rows = [_audit_params(e) for e in events]
+        if not rows:
+            return
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(_AUDIT_INSERT, rows)
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
+        sql = ("SELECT id, time, action, actor, workspace, key_id, key_name, client, details "
+               "FROM audit_events WHERE workspace = ?")
+        params: list[Any] = [workspace]
+        if before is not None:
+            sql += " AND id < ?"
+            params.append(before)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(limit)
+        async with self.db.execute(sql, params) as cur:
+            rows = await cur.fetchall()
+        return [
+            AuditRecord(id=r[0], time=from_rfc3339(r[1]) or utcnow(), action=r[2], actor=r[3],
+                        workspace=r[4], key_id=r[5], key_name=r[6], client=r[7], details=json.loads(r[8]))
+            for r in rows
+        ]
+
+    async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
+        async with self.db.execute("SELECT value FROM counters WHERE name = 'revision'") as cur:
+            row = await cur.fetchone()
+        newest = int(row[0]) if row else 0
+        if newest <= revision:
+            return newest, []
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE revision > ? ORDER BY revision", (revision,)
+        ) as cur:
+            return newest, [_key_from_row(r) for r in await cur.fetchall()]
+
+    async def external_change_marker(self) -> int:
+        # https://sqlite.org/pragma.html#pragma_data_version: changes when *another* connection
+        # commits, and costs no disk read.
+        async with self.db.execute("PRAGMA data_version") as cur:
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def count_by_status(self, workspace: str) -> dict[str, int]:
+        async with self.db.execute(
+            "SELECT status, COUNT(*) FROM keys WHERE workspace = ? GROUP BY status", (workspace,)
+        ) as cur:
+            counts = {ENABLED: 0, DISABLED: 0}
+            for status, count in await cur.fetchall():
+                counts[str(status)] = int(count)
+            return counts
+
+
+def _split_sql(script: str) -> list[str]:
+    """Split a migration into statements, keeping trigger bodies (``BEGIN ... END;``) whole."""
+    statements: list[str] = []
+    current: list[str] = []
+    in_trigger = False
+    for line in script.splitlines():
+        stripped = line.split("--", 1)[0].strip()
+        if not stripped:
+            continue
+        current.append(stripped)
+        upper = stripped.upper()
+        if upper.startswith("CREATE TRIGGER"):
+            in_trigger = True
+        if stripped.endswith(";") and (not in_trigger or upper.endswith("END;")):
+            statements.append(" ".join(current))
+            current = []
+            in_trigger = False
+    if current:
+        statements.append(" ".join(current))
+    return statements
