@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     with_config(commands.add_parser("serve", help="run the proxy and admin listeners"))
     demo = commands.add_parser("demo", help="example MCP server + sidecar + keys, ready to try")
     demo.add_argument("--port", type=int, default=8080, help="public port (admin is port + 1010)")
+    demo.add_argument("--once", action="store_true", help="set up, self-check, print, and exit")
 
     keys = commands.add_parser("keys", help="manage API keys directly in the store").add_subparsers(
         dest="keys_command", required=True)
@@ -141,7 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from sidecar.demo import run_demo
 
-        return run_demo(port=args.port)
+        return run_demo(port=args.port, once=args.once)
     try:
         settings = _settings(args)
     except SettingsError as exc:
