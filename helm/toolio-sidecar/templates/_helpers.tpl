@@ -1,0 +1,307 @@
+{{/*
+Names and labels.
+*/}}
+{{- define "toolio-sidecar.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "toolio-sidecar.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "toolio-sidecar.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "toolio-sidecar.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "toolio-sidecar.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "toolio-sidecar.labels" -}}
+helm.sh/chart: {{ include "toolio-sidecar.chart" . }}
+{{ include "toolio-sidecar.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: toolio
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{- define "toolio-sidecar.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "toolio-sidecar.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "toolio-sidecar.adminServiceName" -}}
+{{- printf "%s-admin" (include "toolio-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "toolio-sidecar.dataClaimName" -}}
+{{- default (printf "%s-data" (include "toolio-sidecar.fullname" .)) .Values.persistence.existingClaim }}
+{{- end }}
+
+{{/*
+An image reference from {repository, tag, digest}; the digest wins over the tag.
+Call with (dict "image" .Values.image "defaultTag" .Chart.AppVersion).
+*/}}
+{{- define "toolio-sidecar.imageRef" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (toString (.image.tag | default .defaultTag)) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Fixed paths inside the container. data_dir is the only persistent writable path; it is
+also the image's VOLUME.
+*/}}
+{{- define "toolio-sidecar.dataDir" -}}/data{{- end }}
+{{- define "toolio-sidecar.configDir" -}}/etc/toolio-sidecar{{- end }}
+{{- define "toolio-sidecar.signingDir" -}}/run/secrets/toolio-sidecar/signing{{- end }}
+
+{{/*
+Where the sidecar forwards requests.
+*/}}
+{{- define "toolio-sidecar.upstreamURL" -}}
+{{- if eq .Values.mode "sidecar" }}
+{{- printf "http://127.0.0.1:%d" (int .Values.mcpServer.port) }}
+{{- else }}
+{{- .Values.upstream.url }}
+{{- end }}
+{{- end }}
+
+{{/*
+TCP port of upstream.url (for the upstream NetworkPolicy).
+*/}}
+{{- define "toolio-sidecar.upstreamPort" -}}
+{{- if .Values.networkPolicy.upstream.port }}
+{{- int .Values.networkPolicy.upstream.port }}
+{{- else }}
+{{- $url := urlParse .Values.upstream.url }}
+{{- if regexMatch ":[0-9]+$" $url.host }}
+{{- regexFind "[0-9]+$" $url.host }}
+{{- else if eq $url.scheme "https" }}443
+{{- else }}80
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The signing key Secret and the files the sidecar reads from it.
+*/}}
+{{- define "toolio-sidecar.signingSecretName" -}}
+{{- if .Values.signing.existingSecret }}
+{{- .Values.signing.existingSecret }}
+{{- else }}
+{{- printf "%s-signing" (include "toolio-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "toolio-sidecar.signingKeyNames" -}}
+{{- if .Values.signing.existingSecret }}
+{{- toJson .Values.signing.existingSecretKeys }}
+{{- else }}
+{{- toJson (list "signing-key.pem") }}
+{{- end }}
+{{- end }}
+
+{{/*
+The Secret's data, computed once per render and shared by secret.yaml and the pod's
+checksum/secret annotation. A generated key is read back from the cluster with `lookup`
+so that upgrades keep it; only a first install (or an offline render) makes a new one.
+For an existingSecret the data is only hashed, so that rotating it rolls the pods on
+the next upgrade.
+*/}}
+{{- define "toolio-sidecar.signingSecretData" -}}
+{{- if not (hasKey .Values "__toolioSidecarSigningData") }}
+{{- $data := dict }}
+{{- $live := lookup "v1" "Secret" .Release.Namespace (include "toolio-sidecar.signingSecretName" .) | default dict }}
+{{- if .Values.signing.existingSecret }}
+{{- $data = get $live "data" | default dict }}
+{{- else }}
+{{- $pem := dig "data" "signing-key.pem" "" $live }}
+{{- if not $pem }}
+{{- $pem = genPrivateKey "ecdsa" | b64enc }}
+{{- end }}
+{{- $data = dict "signing-key.pem" $pem }}
+{{- end }}
+{{- $_ := set .Values "__toolioSidecarSigningData" $data }}
+{{- end }}
+{{- toJson (get .Values "__toolioSidecarSigningData") }}
+{{- end }}
+
+{{/*
+Pod termination budget: the preStop sleep, then SIGTERM and shutdown_grace_seconds of
+draining, plus slack.
+*/}}
+{{- define "toolio-sidecar.shutdownGraceSeconds" -}}
+{{- int (ceil (float64 (dig "shutdown_grace_seconds" 20 .Values.config))) }}
+{{- end }}
+
+{{- define "toolio-sidecar.terminationGracePeriodSeconds" -}}
+{{- if kindIs "invalid" .Values.terminationGracePeriodSeconds }}
+{{- add (int .Values.preStopSleepSeconds) (int (include "toolio-sidecar.shutdownGraceSeconds" .)) 10 }}
+{{- else }}
+{{- int .Values.terminationGracePeriodSeconds }}
+{{- end }}
+{{- end }}
+
+{{/*
+A preStop hook that sleeps. Kubernetes >= 1.30 has the `sleep` action, which needs no
+binary in the image; older clusters fall back to exec'ing sleep.
+Call with (dict "root" $ "seconds" N).
+*/}}
+{{- define "toolio-sidecar.preStopSleep" -}}
+preStop:
+{{- if semverCompare ">=1.30-0" .root.Capabilities.KubeVersion.Version }}
+  sleep:
+    seconds: {{ .seconds }}
+{{- else }}
+  exec:
+    command: ["sleep", "{{ .seconds }}"]
+{{- end }}
+{{- end }}
+
+{{/*
+The first role (by name) that grants config.admin.required_permission; used by NOTES.
+*/}}
+{{- define "toolio-sidecar.requiredPermission" -}}
+{{- dig "admin" "required_permission" "org:settings" .Values.config }}
+{{- end }}
+
+{{- define "toolio-sidecar.adminRole" -}}
+{{- $permission := include "toolio-sidecar.requiredPermission" . }}
+{{- $roles := .Values.config.roles | default dict }}
+{{- $found := list }}
+{{- range $name := keys $roles | sortAlpha }}
+{{- $role := index $roles $name | default dict }}
+{{- if has $permission (get $role "permissions" | default list) }}
+{{- $found = append $found $name }}
+{{- end }}
+{{- end }}
+{{- if not $roles }}org-admin{{- else if $found }}{{ first $found }}{{- end }}
+{{- end }}
+
+{{/*
+config.toml. TOML strings, numbers, booleans and string arrays are written with toJson,
+whose output is valid TOML for those types; null values are left out (the sidecar's
+default applies). Keys that are not bare TOML keys are quoted.
+*/}}
+{{- define "toolio-sidecar.tomlKey" -}}
+{{- if regexMatch "^[A-Za-z0-9_-]+$" . }}{{ . }}{{ else }}{{ toJson . }}{{ end }}
+{{- end }}
+
+{{- define "toolio-sidecar.tomlTable" -}}
+{{- $table := .table }}
+{{- $prefix := .prefix }}
+{{- $scalars := list }}
+{{- range $key := keys $table | sortAlpha }}
+{{- $value := index $table $key }}
+{{- if not (or (kindIs "map" $value) (kindIs "invalid" $value)) }}
+{{- $scalars = append $scalars $key }}
+{{- end }}
+{{- end }}
+{{- if and $prefix (or $scalars (not $table)) }}
+
+[{{ $prefix }}]
+{{- end }}
+{{- range $key := $scalars }}
+{{ include "toolio-sidecar.tomlKey" $key }} = {{ toJson (index $table $key) }}
+{{- end }}
+{{- range $key := keys $table | sortAlpha }}
+{{- $value := index $table $key }}
+{{- if kindIs "map" $value }}
+{{- $name := include "toolio-sidecar.tomlKey" $key }}
+{{- if $prefix }}{{ $name = printf "%s.%s" $prefix $name }}{{ end }}
+{{- include "toolio-sidecar.tomlTable" (dict "table" $value "prefix" $name) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+The effective config: the `config` values plus the keys the chart owns.
+*/}}
+{{- define "toolio-sidecar.config" -}}
+{{- $cfg := deepCopy (.Values.config | default dict) }}
+{{- $_ := set $cfg "data_dir" (include "toolio-sidecar.dataDir" .) }}
+{{- $proxy := get $cfg "proxy" | default dict }}
+{{- $_ = set $proxy "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.proxy)) }}
+{{- $_ = set $proxy "upstream" (include "toolio-sidecar.upstreamURL" .) }}
+{{- $_ = set $cfg "proxy" $proxy }}
+{{- $admin := get $cfg "admin" | default dict }}
+{{- $_ = set $admin "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.admin)) }}
+{{- $_ = set $cfg "admin" $admin }}
+{{- $signing := get $cfg "signing" | default dict }}
+{{- $files := list }}
+{{- range $key := include "toolio-sidecar.signingKeyNames" . | fromJsonArray }}
+{{- $files = append $files (printf "%s/%s" (include "toolio-sidecar.signingDir" $) $key) }}
+{{- end }}
+{{- $_ = set $signing "private_key_files" $files }}
+{{- $_ = set $cfg "signing" $signing }}
+{{- include "toolio-sidecar.tomlTable" (dict "table" $cfg "prefix" "") }}
+{{- end }}
+
+{{/*
+Checks that stop a render with a message saying what to change.
+*/}}
+{{- define "toolio-sidecar.validate" -}}
+{{- $v := .Values }}
+{{- if not (has $v.mode (list "sidecar" "standalone")) }}
+{{- fail (printf "toolio-sidecar: mode must be \"sidecar\" or \"standalone\", got %q." (toString $v.mode)) }}
+{{- end }}
+{{- if and (eq $v.store.type "sqlite") (gt (int $v.replicaCount) 1) }}
+{{- fail (printf "toolio-sidecar: replicaCount is %d, but the sqlite store keeps every key in one SQLite file on one volume with a single writer, so it supports exactly 1 replica. Set replicaCount to 1." (int $v.replicaCount)) }}
+{{- end }}
+{{- if and (eq $v.mode "sidecar") (not $v.mcpServer.image.repository) }}
+{{- fail "toolio-sidecar: mode is \"sidecar\" but mcpServer.image.repository is empty; set it to your MCP server's image (or use mode: standalone with upstream.url)." }}
+{{- end }}
+{{- if and (eq $v.mode "sidecar") (has (int $v.mcpServer.port) (list (int $v.containerPorts.proxy) (int $v.containerPorts.admin))) }}
+{{- fail (printf "toolio-sidecar: mcpServer.port %d clashes with containerPorts (proxy %d, admin %d); containers in one pod share the network namespace." (int $v.mcpServer.port) (int $v.containerPorts.proxy) (int $v.containerPorts.admin)) }}
+{{- end }}
+{{- if and (eq $v.mode "standalone") (not $v.upstream.url) }}
+{{- fail "toolio-sidecar: mode is \"standalone\" but upstream.url is empty; set it to the MCP server's base URL, e.g. http://toolio-mcp:8000." }}
+{{- end }}
+{{- range $key := list "data_dir" }}
+{{- if hasKey ($v.config | default dict) $key }}
+{{- fail (printf "toolio-sidecar: config.%s is set by the chart (the data volume is mounted at %s); remove it from values." $key (include "toolio-sidecar.dataDir" $)) }}
+{{- end }}
+{{- end }}
+{{- range $owned := list "proxy.listen" "proxy.upstream" "admin.listen" "signing.private_key_files" }}
+{{- $parts := splitList "." $owned }}
+{{- if hasKey (get ($v.config | default dict) (first $parts) | default dict) (last $parts) }}
+{{- fail (printf "toolio-sidecar: config.%s is set by the chart (from containerPorts, mode/upstream.url/mcpServer.port and signing); remove it from values." $owned) }}
+{{- end }}
+{{- end }}
+{{- $algorithm := dig "signing" "algorithm" "ES256" ($v.config | default dict) }}
+{{- if and (not $v.signing.existingSecret) (ne $algorithm "ES256") }}
+{{- fail (printf "toolio-sidecar: config.signing.algorithm is %q, but the generated signing key is ECDSA P-256 (ES256); provide the key in signing.existingSecret to use %s." $algorithm $algorithm) }}
+{{- end }}
+{{- if and $v.signing.existingSecret (not $v.signing.existingSecretKeys) }}
+{{- fail "toolio-sidecar: signing.existingSecret is set but signing.existingSecretKeys is empty; list the key file names in that Secret, newest first." }}
+{{- end }}
+{{- if and $v.config.roles (not (include "toolio-sidecar.adminRole" .)) }}
+{{- fail (printf "toolio-sidecar: no role in config.roles grants config.admin.required_permission %q, so no key could ever use the admin API; add it to a role's permissions." (include "toolio-sidecar.requiredPermission" .)) }}
+{{- end }}
+{{- $budget := add (int $v.preStopSleepSeconds) (int (include "toolio-sidecar.shutdownGraceSeconds" .)) }}
+{{- if le (int (include "toolio-sidecar.terminationGracePeriodSeconds" .)) $budget }}
+{{- fail (printf "toolio-sidecar: terminationGracePeriodSeconds (%s) must be greater than preStopSleepSeconds + config.shutdown_grace_seconds (%d), or Kubernetes kills the sidecar before in-flight requests finish." (include "toolio-sidecar.terminationGracePeriodSeconds" .) $budget) }}
+{{- end }}
+{{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
+{{- fail "toolio-sidecar: podDisruptionBudget.enabled needs minAvailable or maxUnavailable." }}
+{{- end }}
+{{- end }}
