@@ -83,6 +83,7 @@ class Authenticator:
         self._by_lookup = FailureLimiter(settings.auth.failures_per_minute_per_lookup_id)
         self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
         self._background: set[asyncio.Task[None]] = set()
+        self._in_flight: dict[bytes, asyncio.Task[Principal]] = {}
 
     async def authenticate(self, request: web.BaseRequest) -> Principal:
         try:
@@ -93,6 +94,11 @@ class Authenticator:
             else:
                 self._fail(None, request, exc.reason)
             raise
+        return await self.authenticate_token(token, request)
+
+    async def authenticate_token(self, token: str, request: web.BaseRequest) -> Principal:
+        """Authenticate a key presented some other way than the header (the admin page's login
+        form), with the same cache, failure budgets and accounting as :meth:`authenticate`."""
         try:
             parsed = parse_key(token)
         except KeyFormatError:
@@ -133,6 +139,27 @@ class Authenticator:
         if self._cache.is_known_bad(digest):
             self._fail(parsed.lookup_id, request, "invalid")
             raise InvalidToken()
+        # Single flight: one verification per token at a time. A burst of first requests from one
+        # agent (or an attacker repeating one guess) shares a single store read and argon2 run, and
+        # the verification is its own task, so a client going away cannot cut it short for others.
+        flight = self._in_flight.get(digest)
+        if flight is None:
+            flight = asyncio.get_running_loop().create_task(self._verify_once(parsed, digest, client))
+            self._in_flight[digest] = flight
+            flight.add_done_callback(lambda done: self._landed(digest, done))
+        try:
+            return await asyncio.shield(flight)
+        except InvalidToken as exc:
+            self._fail(parsed.lookup_id, request, exc.reason)
+            raise InvalidToken(exc.reason) from None
+
+    def _landed(self, digest: bytes, flight: asyncio.Task[Principal]) -> None:
+        if self._in_flight.get(digest) is flight:
+            del self._in_flight[digest]
+        if not flight.cancelled():
+            flight.exception()  # retrieved: every waiter may have gone away
+
+    async def _verify_once(self, parsed: ParsedKey, digest: bytes, client: str) -> Principal:
         epoch = self._cache.epoch
         record = await self._store.get_by_lookup_id(parsed.lookup_id)
         reason = self._unusable(record)
@@ -140,16 +167,25 @@ class Authenticator:
             # Disabled / expired / unknown keys are refused before argon2: nothing to learn from
             # the secret, and it keeps a revoked client's retries cheap.
             self._cache.remember_bad(digest, epoch)
-            self._fail(parsed.lookup_id, request, reason)
             raise InvalidToken(reason)
         assert record is not None
-        async with self._verify_slots:
-            started = time.perf_counter()
-            ok = await asyncio.to_thread(self._hasher.verify, record.key_hash, parsed.full)
-            self._metrics.argon2_seconds.observe(time.perf_counter() - started)
+        # Check the budgets again (others may have spent them while we read the store) and hold
+        # one unit of each while argon2 runs: otherwise N concurrent wrong guesses all pass the
+        # check before the first failure is recorded, and the budget no longer bounds argon2 work.
+        self._check_budget(client, parsed.lookup_id)
+        self._by_address.record_failure(client)
+        self._by_lookup.record_failure(parsed.lookup_id)
+        try:
+            async with self._verify_slots:
+                started = time.perf_counter()
+                ok = await asyncio.to_thread(self._hasher.verify, record.key_hash, parsed.full)
+                self._metrics.argon2_seconds.observe(time.perf_counter() - started)
+        finally:
+            # Given back either way: a failure is recorded (once) by the caller's _fail.
+            self._by_address.refund(client)
+            self._by_lookup.refund(parsed.lookup_id)
         if not ok:
             self._cache.remember_bad(digest, epoch)
-            self._fail(parsed.lookup_id, request, "invalid")
             raise InvalidToken()
         if epoch != self._cache.epoch:
             # Something was invalidated while we verified: read the key again rather than trust
@@ -157,7 +193,6 @@ class Authenticator:
             record = await self._store.get_by_lookup_id(parsed.lookup_id)
             reason = self._unusable(record)
             if reason is not None:
-                self._fail(parsed.lookup_id, request, reason)
                 raise InvalidToken(reason)
             assert record is not None
         if self._hasher.needs_rehash(record.key_hash):
@@ -192,6 +227,7 @@ class Authenticator:
         task.add_done_callback(self._background.discard)
 
     async def close(self) -> None:
-        for task in list(self._background):
+        flights = list(self._in_flight.values())
+        for task in [*self._background, *flights]:
             task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
+        await asyncio.gather(*self._background, *flights, return_exceptions=True)

@@ -35,3 +35,8 @@ class FailureLimiter:
     def record_failure(self, subject: str) -> None:
         now = time.monotonic()
         self._buckets[subject] = (max(0.0, self._level(subject, now) - 1.0), now)
+
+    def refund(self, subject: str) -> None:
+        """Give back one unit taken by :meth:`record_failure` (a held attempt that succeeded)."""
+        now = time.monotonic()
+        self._buckets[subject] = (min(self._capacity, self._level(subject, now) + 1.0), now)

@@ -1,0 +1,156 @@
+"""Key endpoints of the admin API (SPEC 5): validate -> store (+ audit, one transaction) ->
+invalidate caches and cut streams -> answer.
+
+The work itself is :class:`sidecar.keys.KeyManager`'s, shared with the CLI; this module turns
+HTTP into its calls and its results into the JSON the OpenAPI document describes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection
+from typing import Any
+
+from aiohttp import web
+
+from admin.access import Access
+from admin.openapi import openapi_document
+from sidecar.app import Services
+from sidecar.errors import ApiError, json_response
+from sidecar.keys import key_json
+from sidecar.store import DISABLED, ENABLED, KeyRecord
+
+API = "/admin/api"
+AUDIT_DEFAULT_LIMIT = 50
+AUDIT_MAX_LIMIT = 500
+
+
+async def read_object(request: web.Request, allowed: Collection[str], *, empty_ok: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object with only ``allowed`` members, or the 400/413/422."""
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        # aiohttp's own 413 is HTML; the admin API answers in JSON (SPEC 5).
+        raise ApiError(413, "body_too_large",
+                       f"the request body exceeds {request.client_max_size} bytes") from None
+    if not raw.strip() and empty_ok:
+        return {}
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise ApiError(422, "invalid_body", "the request body must be a JSON object")
+    for name in body:
+        if name not in allowed:
+            raise ApiError(422, "unknown_field",
+                           f"unknown field {name!r}; expected {', '.join(sorted(allowed))}", name)
+    return body
+
+
+def _query_int(request: web.Request, name: str, default: int | None, minimum: int,
+               maximum: int | None = None) -> int | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return default
+    if not text.isdigit() or len(text) > 18:
+        raise ApiError(400, "invalid_parameter", f"{name} must be a whole number", name)
+    value = int(text)
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise ApiError(400, "invalid_parameter", f"{name} must be at least {minimum}{bound}", name)
+    return value
+
+
+class KeyApi:
+    def __init__(self, services: Services, access: Access) -> None:
+        self._services = services
+        self._settings = services.settings
+        self._access = access
+
+    def add_routes(self, router: web.UrlDispatcher) -> None:
+        # allow_head=False: the API's routes are exactly the ones the OpenAPI document lists.
+        router.add_get(f"{API}/keys", self.list_keys, allow_head=False)
+        router.add_post(f"{API}/keys", self.create_key)
+        router.add_get(f"{API}/keys/{{id}}", self.get_key, allow_head=False)
+        router.add_post(f"{API}/keys/{{id}}/disable", self.disable_key)
+        router.add_post(f"{API}/keys/{{id}}/enable", self.enable_key)
+        router.add_post(f"{API}/keys/{{id}}/rotate", self.rotate_key)
+        router.add_get(f"{API}/roles", self.list_roles, allow_head=False)
+        router.add_get(f"{API}/audit", self.list_audit, allow_head=False)
+        router.add_get(f"{API}/openapi.json", self.openapi, allow_head=False)
+
+    def _key(self, record: KeyRecord) -> dict[str, Any]:
+        return key_json(record, self._settings)
+
+    async def list_keys(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        records = await self._services.keys.list()
+        return json_response(200, {"keys": [self._key(r) for r in records]})
+
+    async def create_key(self, request: web.Request) -> web.Response:
+        caller = await self._access.caller(request)
+        body = await read_object(request, ("name", "roles", "expires_at"))
+        if "name" not in body:
+            raise ApiError(422, "missing_field", "name is required", "name")
+        if "roles" not in body:
+            raise ApiError(422, "missing_field", "roles is required", "roles",
+                           {"valid_roles": sorted(self._settings.roles)})
+        record, full = await self._services.keys.create(
+            name=body["name"], roles=body["roles"], expires_at=body.get("expires_at"),
+            actor=caller.name, client=caller.client)
+        # The full key leaves the server in this one response and is never stored (SPEC 2).
+        return json_response(201, {**self._key(record), "key": full},
+                             headers={"Location": f"{API}/keys/{record.id}"})
+
+    async def get_key(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        record = await self._services.keys.get(request.match_info["id"])
+        return json_response(200, self._key(record))
+
+    async def _set_status(self, request: web.Request, status: str) -> web.Response:
+        caller = await self._access.caller(request)
+        await read_object(request, (), empty_ok=True)
+        # KeyManager.set_status invalidates the cache and cuts the key's streams before it
+        # returns, so the next request with a disabled key is refused (SPEC 2: no cache delay).
+        record = await self._services.keys.set_status(request.match_info["id"], status,
+                                                      actor=caller.name, client=caller.client)
+        return json_response(200, self._key(record))
+
+    async def disable_key(self, request: web.Request) -> web.Response:
+        return await self._set_status(request, DISABLED)
+
+    async def enable_key(self, request: web.Request) -> web.Response:
+        return await self._set_status(request, ENABLED)
+
+    async def rotate_key(self, request: web.Request) -> web.Response:
+        caller = await self._access.caller(request)
+        body = await read_object(request, ("name", "disable_old_at"))
+        if "name" not in body:
+            raise ApiError(422, "missing_field", "name (of the new key) is required", "name")
+        new, full, old = await self._services.keys.rotate(
+            request.match_info["id"], name=body["name"], disable_old_at=body.get("disable_old_at"),
+            actor=caller.name, client=caller.client)
+        return json_response(201, {**self._key(new), "key": full, "rotated_from": self._key(old)},
+                             headers={"Location": f"{API}/keys/{new.id}"})
+
+    async def list_roles(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        roles = [{"name": role.name, "description": role.description, "permissions": sorted(role.permissions)}
+                 for role in sorted(self._settings.roles.values(), key=lambda r: r.name)]
+        return json_response(200, {"roles": roles})
+
+    async def list_audit(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        limit = _query_int(request, "limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)
+        before = _query_int(request, "before", None, 1)
+        assert limit is not None
+        events = await self._services.store.list_audit(self._settings.workspace, limit, before)
+        rows = [e.as_json() for e in events]
+        # Keyset pagination: pass next_before as ?before= for the page after this one.
+        next_before = rows[-1]["id"] if len(rows) == limit else None
+        return json_response(200, {"events": rows, "next_before": next_before})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        return json_response(200, openapi_document(self._access.sessions.cookie_name))
