@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -81,6 +83,13 @@ class KeyApi:
         router.add_get(f"{API}/openapi.json", self.openapi, allow_head=False)
 
     def _key(self, record: KeyRecord) -> dict[str, Any]:
+        # last_used_at reaches the store in batches; show the newer in-memory time so that an
+        # operator checking a rotated key's first use sees it at once (SPEC 2, rotation).
+        pending = self._services.last_used.pending.get(record.id)
+        if pending is not None:
+            when = datetime.fromtimestamp(pending, UTC)
+            if record.last_used_at is None or when > record.last_used_at:
+                record = replace(record, last_used_at=when)
         return key_json(record, self._settings)
 
     async def list_keys(self, request: web.Request) -> web.Response:

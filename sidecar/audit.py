@@ -71,11 +71,22 @@ class AuditLog:
         if not due:
             return
         events = []
+        names: dict[str, tuple[str | None, str | None]] = {}
         for slot in due:
             count, reasons = self._failures.pop(slot)
             minute, lookup_id, client = slot
+            # SPEC 6: the key name appears in every event about a key, so failures against a real
+            # key's lookup id name it (a lookup id is not secret; the failed secret is never kept).
+            if lookup_id and lookup_id not in names:
+                try:
+                    record = await self._store.get_by_lookup_id(lookup_id)
+                except Exception:
+                    record = None
+                same = record is not None and record.workspace == self.workspace
+                names[lookup_id] = (record.id, record.name) if same and record else (None, None)
+            key_id, key_name = names.get(lookup_id, (None, None))
             events.append(self.event(
-                AUTH_FAILED, "anonymous", client=client,
+                AUTH_FAILED, "anonymous", client=client, key_id=key_id, key_name=key_name,
                 details={"lookup_id": lookup_id or None, "count": count, "reasons": reasons,
                          "minute": datetime.fromtimestamp(minute * 60, UTC).isoformat().replace("+00:00", "Z")},
             ))

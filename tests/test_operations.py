@@ -70,9 +70,7 @@ async def _serve(app: web.Application) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
-    server = site._server
-    assert server is not None
-    port = server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+    port = runner.addresses[0][1]
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
@@ -120,8 +118,8 @@ async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(tm
         for sample in family.samples:
             if sample.name.startswith("toolio_sidecar_"):
                 assert set(sample.labels) <= ALLOWED_LABELS, sample
-                for value in sample.labels.values():
-                    assert "/" not in value and "127.0.0.1" not in value and "tak_" not in value
+                for label in sample.labels.values():
+                    assert "/" not in label and "127.0.0.1" not in label and "tak_" not in label
                 samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
 
     def value(name: str, **labels: str) -> float:

@@ -1,0 +1,1 @@
+"""toolio-sidecar: API-key auth sidecar for Toolio's MCP server."""
