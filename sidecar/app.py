@@ -163,10 +163,12 @@ class Services:
         marker = await self.store.external_change_marker()
         if marker == self._marker:
             return
-        self._marker = marker
         self._revision, changed = await self.store.changes_since(self._revision)
         for record in changed:
             self.key_changed(record)
+        # Only once the changes are applied: if reading them failed, the next tick tries again
+        # instead of taking the moved marker as handled (a missed disable would never be seen).
+        self._marker = marker
 
     async def _housekeeping(self) -> None:
         await run_scheduled_disables(self.keys, self.store)

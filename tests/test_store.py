@@ -1,0 +1,263 @@
+"""The SQLite key store (SPEC 9): schema migrations, WAL, keys, status changes with their audit
+row in one transaction, append-only audit, cross-process change detection. Real files."""
+
+from __future__ import annotations
+
+import sqlite3
+import stat
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from sidecar.store import (
+    DISABLED,
+    ENABLED,
+    MIGRATIONS,
+    AuditRecord,
+    DuplicateLookupId,
+    DuplicateName,
+    KeyRecord,
+    SQLiteKeyStore,
+    StoreError,
+    from_rfc3339,
+    to_rfc3339,
+)
+
+T0 = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
+
+
+def _record(n: int, *, name: str | None = None, workspace: str = "acme", lookup: str | None = None) -> KeyRecord:
+    return KeyRecord(
+        id=f"key_{n:016d}", lookup_id=lookup or f"LOOK{n:04d}", name=name or f"key-{n}", roles=("viewer",),
+        workspace=workspace, status=ENABLED, created_at=T0 + timedelta(seconds=n), created_by="test",
+        key_hash=f"$argon2id$fake{n}",
+    )
+
+
+def _audit(action: str, key: KeyRecord | None = None, when: datetime = T0) -> AuditRecord:
+    return AuditRecord(time=when, action=action, actor="test", workspace=key.workspace if key else "acme",
+                       key_id=key.id if key else None, key_name=key.name if key else None,
+                       details={"n": 1})
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "data" / "sidecar.db"
+
+
+@pytest.fixture
+async def store(db_path: Path) -> AsyncIterator[SQLiteKeyStore]:
+    s = SQLiteKeyStore(db_path)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def _sql(path: Path, query: str) -> list[tuple[object, ...]]:
+    with sqlite3.connect(path) as con:
+        return list(con.execute(query).fetchall())
+
+
+async def test_open_creates_the_schema_in_wal_mode_with_a_private_file(store: SQLiteKeyStore, db_path: Path) -> None:
+    assert _sql(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    assert _sql(db_path, "PRAGMA journal_mode") == [("wal",)]
+    tables = {row[0] for row in _sql(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"keys", "audit_events", "counters"} <= tables
+    await store.ping()
+
+
+def test_database_file_is_private(db_path: Path, store: SQLiteKeyStore) -> None:
+    assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
+
+
+async def test_reopening_keeps_data_and_does_not_migrate_again(store: SQLiteKeyStore, db_path: Path) -> None:
+    await store.insert_key(_record(1), [_audit("key.created", _record(1))])
+    await store.close()
+    again = SQLiteKeyStore(db_path)
+    await again.open()
+    try:
+        assert (await again.get_key(_record(1).id)) is not None
+        assert _sql(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
+    finally:
+        await again.close()
+
+
+async def test_a_newer_schema_is_refused(db_path: Path) -> None:
+    db_path.parent.mkdir(parents=True)
+    with sqlite3.connect(db_path) as con:
+        con.execute(f"PRAGMA user_version = {len(MIGRATIONS) + 1}")
+    store = SQLiteKeyStore(db_path)
+    with pytest.raises(StoreError, match="newer"):
+        await store.open()
+
+
+async def test_store_refuses_work_when_not_open(db_path: Path) -> None:
+    with pytest.raises(StoreError):
+        await SQLiteKeyStore(db_path).get_key("key_x")
+
+
+async def test_inserted_key_reads_back_by_id_and_lookup_id(store: SQLiteKeyStore) -> None:
+    record = replace(_record(1), roles=("viewer", "writer"), expires_at=T0 + timedelta(days=1))
+    stored = await store.insert_key(record, [_audit("key.created", record)])
+    assert stored.revision > 0
+    by_id = await store.get_key(record.id)
+    by_lookup = await store.get_by_lookup_id(record.lookup_id)
+    assert by_id == by_lookup == stored
+    assert by_id is not None
+    assert by_id.roles == ("viewer", "writer")
+    assert by_id.created_at == record.created_at
+    assert by_id.expires_at == record.expires_at
+    assert await store.get_key("key_missing") is None
+    assert await store.get_by_lookup_id("NOPE0000") is None
+
+
+async def test_names_are_unique_per_workspace_only(store: SQLiteKeyStore) -> None:
+    await store.insert_key(_record(1, name="ci"), [])
+    with pytest.raises(DuplicateName):
+        await store.insert_key(_record(2, name="ci"), [])
+    await store.insert_key(_record(3, name="ci", workspace="globex"), [])
+    assert [k.name for k in await store.list_keys("acme")] == ["ci"]
+    assert [k.workspace for k in await store.list_keys("globex")] == ["globex"]
+
+
+async def test_duplicate_lookup_id_is_its_own_error_and_writes_nothing(store: SQLiteKeyStore) -> None:
+    await store.insert_key(_record(1, lookup="SAMELOOK"), [])
+    with pytest.raises(DuplicateLookupId):
+        await store.insert_key(_record(2, lookup="SAMELOOK"), [_audit("key.created", _record(2))])
+    assert await store.get_key(_record(2).id) is None
+    assert await store.list_audit("acme", 10, None) == []
+
+
+async def test_list_keys_is_in_creation_order(store: SQLiteKeyStore) -> None:
+    for n in (3, 1, 2):
+        await store.insert_key(_record(n), [])
+    assert [k.id for k in await store.list_keys("acme")] == [_record(n).id for n in (1, 2, 3)]
+
+
+async def test_disable_and_enable_change_status_times_and_write_the_audit_row(store: SQLiteKeyStore) -> None:
+    record = await store.insert_key(_record(1), [])
+    disabled = await store.set_status(record.id, DISABLED, T0, _audit("key.disabled", record))
+    assert disabled is not None
+    assert disabled.status == DISABLED
+    assert disabled.disabled_at == T0
+    assert disabled.revision > record.revision
+    again = await store.set_status(record.id, DISABLED, T0 + timedelta(hours=1), _audit("key.disabled", record))
+    assert again is not None
+    assert again.disabled_at == T0  # the first disable time is kept
+    enabled = await store.set_status(record.id, ENABLED, T0, _audit("key.enabled", record))
+    assert enabled is not None
+    assert enabled.status == ENABLED
+    assert enabled.disabled_at is None
+    assert enabled.key_hash == record.key_hash  # same value works again
+    actions = [e.action for e in await store.list_audit("acme", 10, None)]
+    assert actions == ["key.enabled", "key.disabled", "key.disabled"]
+
+
+async def test_status_change_of_unknown_key_returns_none_and_writes_no_audit(store: SQLiteKeyStore) -> None:
+    assert await store.set_status("key_missing", DISABLED, T0, _audit("key.disabled")) is None
+    assert await store.list_audit("acme", 10, None) == []
+
+
+async def test_audit_is_append_only(store: SQLiteKeyStore, db_path: Path) -> None:
+    await store.append_audit([_audit("admin.login")])
+    with sqlite3.connect(db_path) as con, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("UPDATE audit_events SET actor = 'mallory'")
+    with sqlite3.connect(db_path) as con, pytest.raises(sqlite3.DatabaseError, match="append-only"):
+        con.execute("DELETE FROM audit_events")
+    assert len(await store.list_audit("acme", 10, None)) == 1
+
+
+async def test_audit_lists_newest_first_per_workspace_with_paging(store: SQLiteKeyStore) -> None:
+    await store.append_audit([_audit(f"e{n}", when=T0 + timedelta(seconds=n)) for n in range(5)])
+    await store.append_audit([replace(_audit("other"), workspace="globex")])
+    page = await store.list_audit("acme", 2, None)
+    assert [e.action for e in page] == ["e4", "e3"]
+    assert page[0].details == {"n": 1}
+    assert page[0].time == T0 + timedelta(seconds=4)
+    assert page[1].id is not None
+    rest = await store.list_audit("acme", 10, page[1].id)
+    assert [e.action for e in rest] == ["e2", "e1", "e0"]
+    assert page[0].as_json()["time"] == "2030-01-02T03:04:09.678Z"
+
+
+async def test_last_used_keeps_the_newest_time(store: SQLiteKeyStore) -> None:
+    record = await store.insert_key(_record(1), [])
+    await store.touch_last_used({record.id: T0 + timedelta(minutes=5)})
+    await store.touch_last_used({record.id: T0})  # an older batch (another replica) loses
+    stored = await store.get_key(record.id)
+    assert stored is not None
+    assert stored.last_used_at == T0 + timedelta(minutes=5)
+
+
+async def test_update_hash_replaces_the_stored_hash(store: SQLiteKeyStore) -> None:
+    record = await store.insert_key(_record(1), [])
+    await store.update_hash(record.id, "$argon2id$new")
+    stored = await store.get_key(record.id)
+    assert stored is not None
+    assert stored.key_hash == "$argon2id$new"
+
+
+async def test_changes_since_returns_only_newer_revisions(store: SQLiteKeyStore) -> None:
+    first = await store.insert_key(_record(1), [])
+    newest, changed = await store.changes_since(first.revision)
+    assert (newest, changed) == (first.revision, [])
+    second = await store.insert_key(_record(2), [])
+    disabled = await store.set_status(first.id, DISABLED, T0, _audit("key.disabled", first))
+    assert disabled is not None
+    newest, changed = await store.changes_since(first.revision)
+    assert newest == disabled.revision
+    assert [k.id for k in changed] == [second.id, first.id]
+    assert changed[1].status == DISABLED
+
+
+async def test_change_marker_moves_only_for_commits_by_another_connection(
+        store: SQLiteKeyStore, db_path: Path) -> None:
+    before = await store.external_change_marker()
+    await store.insert_key(_record(1), [])
+    assert await store.external_change_marker() == before
+    other = SQLiteKeyStore(db_path)  # e.g. the CLI in another process
+    await other.open()
+    try:
+        await other.set_status(_record(1).id, DISABLED, T0, _audit("key.disabled", _record(1)))
+    finally:
+        await other.close()
+    assert await store.external_change_marker() != before
+    _, changed = await store.changes_since(0)
+    assert [k.status for k in changed] == [DISABLED]
+
+
+async def test_scheduled_disable_is_due_only_after_its_time(store: SQLiteKeyStore) -> None:
+    record = await store.insert_key(_record(1), [])
+    await store.schedule_disable(record.id, T0)
+    assert await store.due_scheduled_disables(T0 - timedelta(seconds=1)) == []
+    assert [k.id for k in await store.due_scheduled_disables(T0)] == [record.id]
+    await store.set_status(record.id, ENABLED, T0, _audit("key.enabled", record))  # clears it
+    assert await store.due_scheduled_disables(T0 + timedelta(days=1)) == []
+
+
+async def test_count_by_status_counts_one_workspace(store: SQLiteKeyStore) -> None:
+    for n in range(3):
+        await store.insert_key(_record(n), [])
+    await store.insert_key(_record(9, workspace="globex"), [])
+    await store.set_status(_record(0).id, DISABLED, T0, _audit("key.disabled", _record(0)))
+    assert await store.count_by_status("acme") == {ENABLED: 2, DISABLED: 1}
+
+
+async def test_no_key_hash_or_secret_column_leaks_into_audit(store: SQLiteKeyStore, db_path: Path) -> None:
+    record = await store.insert_key(_record(1), [_audit("key.created", _record(1))])
+    rows = _sql(db_path, "SELECT * FROM audit_events")
+    assert rows
+    assert all(record.key_hash not in str(row) for row in rows)
+
+
+def test_rfc3339_round_trip_is_utc_with_z() -> None:
+    text = to_rfc3339(T0)
+    assert text == "2030-01-02T03:04:05.678Z"
+    assert from_rfc3339(text) == T0
+    assert to_rfc3339(None) is None
+    assert from_rfc3339(None) is None
