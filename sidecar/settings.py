@@ -277,11 +277,19 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
-    if proxy.listen == admin.listen:
+    if _clash(proxy.listen, admin.listen):
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
                     admin=admin, signing=signing, roles=roles)
+
+
+def _clash(a: ListenAddress, b: ListenAddress) -> bool:
+    """Would both listeners bind the same port? A wildcard host overlaps every address."""
+    if a.port != b.port or a.port == 0:
+        return False
+    wildcard = ("0.0.0.0", "::", "")
+    return a.host == b.host or a.host in wildcard or b.host in wildcard
 
 
 def _load_proxy(s: _Section) -> ProxySettings:

@@ -271,10 +271,13 @@ class SQLiteKeyStore(KeyStore):
             await db.close()
             raise
         self._db = db
-        try:
-            self._path.chmod(0o600)
-        except OSError:  # pragma: no cover - e.g. a read-only mount owned by someone else
-            pass
+        # The database and its WAL/shared-memory files hold key hashes: owner-only (the -wal and
+        # -shm files otherwise follow the umask).
+        for suffix in ("", "-wal", "-shm"):
+            try:
+                self._path.with_name(self._path.name + suffix).chmod(0o600)
+            except OSError:  # pragma: no cover - absent yet, or a mount owned by someone else
+                pass
 
     async def _migrate(self, db: aiosqlite.Connection) -> None:
         await db.execute("BEGIN IMMEDIATE")

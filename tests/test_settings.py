@@ -189,3 +189,15 @@ def test_settings_are_frozen() -> None:
     settings = settings_from_mapping({}, {})
     with pytest.raises(AttributeError):
         settings.workspace = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(("public", "admin"), [("0.0.0.0:8080", "127.0.0.1:8080"),
+                                               ("10.1.2.3:9000", "0.0.0.0:9000"),
+                                               ("[::]:8080", "127.0.0.1:8080")])
+def test_admin_may_not_overlap_a_wildcard_public_listener(public: str, admin: str) -> None:
+    assert _error_key({"proxy": {"listen": public}, "admin": {"listen": admin}}) == "admin.listen"
+
+
+def test_listeners_on_different_addresses_or_ports_are_fine() -> None:
+    settings_from_mapping({"proxy": {"listen": "10.0.0.1:8080"}, "admin": {"listen": "127.0.0.1:8080"}}, {})
+    settings_from_mapping({"proxy": {"listen": "127.0.0.1:0"}, "admin": {"listen": "127.0.0.1:0"}}, {})
