@@ -10,14 +10,16 @@ Origin, declared size) -> ``Authenticator.authenticate`` -> session binding -> `
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from cachetools import TTLCache
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.assertion import Signer
 from sidecar.auth import Authenticator
@@ -42,6 +44,9 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 IDENTITY_HEADERS = ("X-Toolio-Key-Id", "X-Toolio-Key-Name", "X-Toolio-Workspace", "X-Toolio-Roles",
                     "X-Toolio-Permissions", "X-Toolio-Assertion")
 SESSION_HEADER = "Mcp-Session-Id"
+# uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP-literal, or a name of unreserved
+# characters and percent-escapes, with an optional numeric port.
+_VALID_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]{0,5})?")
 
 
 def connection_tokens(values: Iterable[str]) -> set[str]:
@@ -94,9 +99,12 @@ def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principa
     return out
 
 
-def response_headers(headers: Mapping[str, str] | CIMultiDict[str],
+def response_headers(headers: Mapping[str, str] | CIMultiDict[str] | CIMultiDictProxy[str],
                      items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    named = connection_tokens(headers.getall("Connection", []) if isinstance(headers, CIMultiDict) else [])
+    # RFC 9110 7.6.1 applies to responses too. aiohttp's ClientResponse.headers is a
+    # CIMultiDictProxy, which is not a CIMultiDict: check both or Connection is never read.
+    named = connection_tokens(
+        headers.getall("Connection", []) if isinstance(headers, CIMultiDict | CIMultiDictProxy) else [])
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in items:
         lower = name.lower()
@@ -172,6 +180,26 @@ class _BodyTooLarge(Exception):
     pass
 
 
+class _ClosingError(ProxyError):
+    """A refusal after which the connection's remaining bytes are not read: a body we cannot
+    frame, or one we will not take. Closing beats aiohttp's default of reading and discarding the
+    rest for up to 10 s (RFC 9110 15.5.14: on 413 the server MAY close the connection)."""
+
+    def response(self) -> web.Response:
+        response = super().response()
+        response.force_close()
+        return response
+
+
+class _MalformedBody(_ClosingError):
+    def __init__(self) -> None:
+        super().__init__(400, "invalid_request", "Malformed request body")
+
+
+def _body_too_large(limit: int) -> ProxyError:
+    return _ClosingError(413, "body_too_large", f"Request body exceeds {limit} bytes")
+
+
 @dataclass(slots=True)
 class _Outcome:
     status: int = 0
@@ -208,7 +236,12 @@ class ProxyHandler:
             return await self._forward(request, principal, outcome)
         except (AuthError, ProxyError) as exc:
             outcome.status = exc.status
-            return exc.response()
+            response = exc.response()
+            if principal is None and isinstance(exc, ProxyError) and exc.status == 400:
+                # A request the guard refused to interpret (bad Host, an upgrade, an odd target):
+                # read nothing more from this connection (RFC 9112 9.6, 11.2).
+                response.force_close()
+            return response
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
             self._metrics.count_request(status, request.method)
@@ -231,6 +264,13 @@ class ProxyHandler:
         # upstream: only origin-form paths are forwarded.
         if not request.raw_path.startswith("/"):
             raise ProxyError(400, "invalid_request", "Only origin-form request targets are accepted")
+        # RFC 9112 3.2: a request whose Host is not a valid "uri-host [':' port]" MUST get a 400
+        # (aiohttp already refuses a missing or repeated Host). Ours is stricter than reg-name's
+        # sub-delims: the value is passed on in X-Forwarded-Host, where "," or ";" would read as a
+        # list or a parameter to the upstream.
+        host = request.headers.get("Host")
+        if (host is not None or request.version >= (1, 1)) and not _VALID_HOST.fullmatch(host or ""):
+            raise ProxyError(400, "invalid_request", "Invalid Host header")
         if "Upgrade" in request.headers:
             raise ProxyError(400, "invalid_request", "Protocol upgrades are not supported")
         origin = request.headers.get("Origin")
@@ -240,8 +280,7 @@ class ProxyHandler:
             raise ProxyError(403, "origin_not_allowed", "This Origin is not allowed")
         length = request.content_length
         if length is not None and length > self._settings.max_body_bytes:
-            raise ProxyError(413, "body_too_large",
-                             f"Request body exceeds {self._settings.max_body_bytes} bytes")
+            raise _body_too_large(self._settings.max_body_bytes)
 
     async def _forward(self, request: web.Request, principal: Principal,
                        outcome: _Outcome) -> web.StreamResponse:
@@ -259,17 +298,24 @@ class ProxyHandler:
             host=request.host,
         )
         too_large = False
+        malformed = False
 
         async def body() -> AsyncIterator[bytes]:
-            nonlocal too_large
+            nonlocal too_large, malformed
             total = 0
             limit = self._settings.max_body_bytes
-            async for chunk in request.content.iter_any():
-                total += len(chunk)
-                if total > limit:
-                    too_large = True
-                    raise _BodyTooLarge()
-                yield chunk
+            try:
+                async for chunk in request.content.iter_any():
+                    total += len(chunk)
+                    if total > limit:
+                        too_large = True
+                        raise _BodyTooLarge()
+                    yield chunk
+            except HttpProcessingError:
+                # The client's body broke its own framing (RFC 9112 7.1): the upstream request is
+                # aborted mid-body, and the client is told 400, not that the upstream failed.
+                malformed = True
+                raise
 
         data = body() if request.body_exists else None
         task: asyncio.Task[object] | None = asyncio.current_task()
@@ -286,21 +332,25 @@ class ProxyHandler:
                         request.method, self._upstream + path_qs, headers=headers, data=data,
                         allow_redirects=False,
                     )
-            except TimeoutError:
-                if too_large:
-                    raise self._too_large() from None
-                self._metrics.upstream_errors.labels("timeout").inc()
-                raise ProxyError(504, "upstream_timeout",
-                                 "The MCP server did not answer in time") from None
+            # ConnectionTimeoutError (no pooled connection or no TCP connect in time) subclasses
+            # TimeoutError, so it must be caught first or pool exhaustion would read as a 504.
             except aiohttp.ConnectionTimeoutError:
                 if queued:
                     self._metrics.upstream_errors.labels("pool_exhausted").inc()
                     raise ProxyError(503, "upstream_busy", "Too many requests in flight; retry") from None
                 self._metrics.upstream_errors.labels("unreachable").inc()
                 raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
+            except TimeoutError:
+                if too_large:
+                    raise self._too_large() from None
+                self._metrics.upstream_errors.labels("timeout").inc()
+                raise ProxyError(504, "upstream_timeout",
+                                 "The MCP server did not answer in time") from None
             except (aiohttp.ClientError, _BodyTooLarge, OSError) as exc:
                 if too_large or isinstance(exc, _BodyTooLarge):
                     raise self._too_large() from None
+                if malformed:
+                    raise _MalformedBody() from None
                 self._metrics.upstream_errors.labels("unreachable").inc()
                 raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
             self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
@@ -311,10 +361,9 @@ class ProxyHandler:
                 self._bindings.forget(session_id)
             return await self._relay(request, up, outcome)
         except asyncio.CancelledError:
-            if task in self._streams.cut_tasks:
+            if task in self._streams.cut_tasks and request.transport is not None:
                 # The key was disabled: close the client connection, not just this response.
-                if request.transport is not None:
-                    request.transport.close()
+                request.transport.close()
             raise
         finally:
             self._in_flight_upstream -= 1
@@ -324,7 +373,7 @@ class ProxyHandler:
 
     def _too_large(self) -> ProxyError:
         self._metrics.upstream_errors.labels("body_too_large").inc()
-        return ProxyError(413, "body_too_large", f"Request body exceeds {self._settings.max_body_bytes} bytes")
+        return _body_too_large(self._settings.max_body_bytes)
 
     async def _relay(self, request: web.Request, up: aiohttp.ClientResponse,
                      outcome: _Outcome) -> web.StreamResponse:

@@ -10,12 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from http import HTTPStatus
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
+from aiohttp.web_request import BaseRequest
+from aiohttp.web_response import StreamResponse
 
 from sidecar.app import SidecarApps, create_app
+from sidecar.errors import json_response
 from sidecar.logs import JsonLog, install
 from sidecar.settings import ListenAddress, Settings
 
@@ -46,6 +51,15 @@ class GuardedRequestHandler(RequestHandler):
         super().data_received(data)
         if self._request_count != before:
             self._disarm()
+            current = self._current_request
+            last = self._messages[-1][0] if self._messages else None
+            if current is not None and isinstance(last, _ErrInfo) and not current.content.is_eof():
+                # The body of the request being handled broke its framing (e.g. a bad chunk size,
+                # RFC 9112 7.1). aiohttp queues a 400 for after the handler but leaves the handler
+                # waiting for body bytes that will never come; fail its body now so the proxy
+                # aborts the upstream request instead of holding it until the upstream timeout.
+                current.content.set_exception(last.exc)
+                current.content.feed_eof()  # and no lingering read of a body that cannot be framed
 
     def _arm(self) -> None:
         self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
@@ -61,6 +75,28 @@ class GuardedRequestHandler(RequestHandler):
             self.force_close()
             if self.transport is not None:
                 self.transport.close()
+
+    def handle_error(self, request: BaseRequest, status: int = 500, exc: BaseException | None = None,
+                     message: str | None = None) -> StreamResponse:
+        # aiohttp's own error page quotes the offending request line back to the client and into
+        # the log, e.g. "Authorization : Bearer tak_..." for a bad field line, which would echo the
+        # key (RFC 6750 5.3 / SPEC 3: keys are never echoed). Answer with a fixed JSON body and
+        # log only the kind of error; unexpected handler failures (500) keep their traceback.
+        if status >= 500 and not isinstance(exc, HttpProcessingError):
+            self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+        else:
+            self.logger.warning("Rejected a malformed request from %s (%s, %s)", request.remote, status,
+                                type(exc).__name__ if exc is not None else "-")
+        if request.writer.output_size > 0:
+            raise ConnectionError("Response is sent already, cannot send another response")
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        code = "invalid_request" if status == 400 else phrase.lower().replace(" ", "_")
+        resp = json_response(status, {"error": code, "error_description": phrase})
+        resp.force_close()
+        return resp
 
 
 def _guarded_server(head_timeout: float) -> type[web.Server]:

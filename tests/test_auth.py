@@ -359,3 +359,12 @@ def test_log_lines_scrub_anything_shaped_like_a_key() -> None:
     line = json.loads(stream.getvalue())
     assert key not in stream.getvalue()
     assert line["detail"] == f"token={key[:8]}..."
+
+
+async def test_a_query_that_merely_mentions_tak_is_not_taken_for_a_key(sidecar: RunningSidecar,
+                                                                       echo: EchoUpstream) -> None:
+    _, key = await sidecar.create_key()
+    headers: CIMultiDict[str] = CIMultiDict({"Authorization": f"Bearer {key}"})
+    status, _, _ = await _get(sidecar, "/mcp?q=tak_docs", headers)
+    assert status == 200
+    assert len(echo.requests) == 1
