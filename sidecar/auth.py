@@ -15,6 +15,7 @@ Order matters for cost and for fairness under attack:
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import re
 import threading
@@ -26,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.apikeys import KeyFormatError, KeyHasher, ParsedKey, parse_key
+from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, parse_key
 from sidecar.audit import AuditLog
 from sidecar.cache import KeyCache
 from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
@@ -122,23 +123,26 @@ class Authenticator:
     async def authenticate_token(self, token: str, request: web.BaseRequest) -> Principal:
         """Authenticate a key presented some other way than the header (the admin page's login
         form), with the same cache, failure budgets and accounting as :meth:`authenticate`."""
+        # Hot path: a token whose digest matches a verified key *is* that key, so its shape and
+        # checksum were already checked when it was verified; parse only on a miss.
+        if len(token) == KEY_LEN:
+            digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
+            principal = self._cache.get(token[4:12], digest)
+            if principal is not None:
+                if principal.deadline is not None and time.time() >= principal.deadline:
+                    self._fail(principal.lookup_id, request, "expired")
+                    raise InvalidToken("expired")
+                self._metrics.count_cache_hit()
+                self._last_used.touch(principal.key_id)
+                return principal
         try:
             parsed = parse_key(token)
         except KeyFormatError:
             self._check_budget(self._client_address(request), None)
             self._fail(None, request, "invalid")
             raise InvalidToken() from None
-        digest = parsed.digest
-        principal = self._cache.get(parsed.lookup_id, digest)
-        if principal is not None:
-            if principal.deadline is not None and time.time() >= principal.deadline:
-                self._fail(parsed.lookup_id, request, "expired")
-                raise InvalidToken("expired")
-            self._metrics.cache_hits.inc()
-            self._last_used.touch(principal.key_id)
-            return principal
         self._metrics.cache_misses.inc()
-        return await self._verify(parsed, digest, request)
+        return await self._verify(parsed, parsed.digest, request)
 
     def _check_budget(self, client: str, lookup_id: str | None) -> None:
         wait = self._by_address.retry_after(client)

@@ -34,6 +34,9 @@ class GuardedRequestHandler(RequestHandler):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # A deadline plus at most one lazily rescheduled timer (aiohttp's keep-alive pattern):
+        # arming and disarming per request are attribute writes, not timer churn on the loop.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -41,16 +44,19 @@ class GuardedRequestHandler(RequestHandler):
         self._arm()
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        self._disarm()
+        self._head_deadline = None
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self._head_timer is None and not self._request_in_progress and not self._messages:
+        if self._head_deadline is None and not self._request_in_progress and not self._messages:
             self._arm()
         before = self._request_count
         super().data_received(data)
         if self._request_count != before:
-            self._disarm()
+            self._head_deadline = None
             current = self._current_request
             last = self._messages[-1][0] if self._messages else None
             if current is not None and isinstance(last, _ErrInfo) and not current.content.is_eof():
@@ -62,15 +68,19 @@ class GuardedRequestHandler(RequestHandler):
                 current.content.feed_eof()  # and no lingering read of a body that cannot be framed
 
     def _arm(self) -> None:
-        self._head_timer = self._loop.call_later(self.head_timeout, self._head_expired)
+        self._head_deadline = deadline = self._loop.time() + self.head_timeout
+        if self._head_timer is None:
+            self._head_timer = self._loop.call_at(deadline, self._head_check)
 
-    def _disarm(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
-
-    def _head_expired(self) -> None:
+    def _head_check(self) -> None:
         self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:
+            self._head_timer = self._loop.call_at(deadline, self._head_check)
+            return
+        self._head_deadline = None
         if not self._request_in_progress and not self._messages:
             self.force_close()
             if self.transport is not None:
