@@ -177,11 +177,29 @@ async def drain(apps: SidecarApps, runners: list[SidecarRunner], settings: Setti
         await runner.cleanup()
 
 
+def _raise_fd_limit(log: JsonLog) -> None:
+    """Every open stream holds two sockets (client and upstream); a soft RLIMIT_NOFILE of 1024,
+    common by default, would cap the sidecar near 500 streams. Raise it to the hard limit."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    if soft != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            log.warning("could not raise the open-file limit", soft=soft, hard=hard, error=str(exc))
+
+
 async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
                 started: asyncio.Event | None = None) -> None:
     """Run until SIGTERM/SIGINT (or ``stop`` is set), then drain and return."""
     log = JsonLog(level=settings.log_level)
     install(log)
+    _raise_fd_limit(log)
     apps = create_app(settings, log=log)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()

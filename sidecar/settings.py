@@ -56,7 +56,7 @@ class ProxySettings:
     upstream_timeout_seconds: float = 30.0
     header_timeout_seconds: float = 5.0
     keepalive_timeout_seconds: float = 75.0
-    upstream_max_connections: int = 100
+    upstream_max_connections: int = 2048
     upstream_pool_timeout_seconds: float = 5.0
     session_binding_max: int = 100_000
     session_binding_ttl_seconds: float = 86_400.0
@@ -310,7 +310,7 @@ def _load_proxy(s: _Section) -> ProxySettings:
         upstream_timeout_seconds=s.number("upstream_timeout_seconds", 30.0, minimum=0.001),
         header_timeout_seconds=s.number("header_timeout_seconds", 5.0, minimum=0.1, maximum=300),
         keepalive_timeout_seconds=s.number("keepalive_timeout_seconds", 75.0, minimum=0, maximum=3600),
-        upstream_max_connections=s.integer("upstream_max_connections", 100, minimum=1),
+        upstream_max_connections=s.integer("upstream_max_connections", 2048, minimum=1),
         upstream_pool_timeout_seconds=s.number("upstream_pool_timeout_seconds", 5.0, minimum=0.001),
         session_binding_max=s.integer("session_binding_max", 100_000, minimum=1),
         session_binding_ttl_seconds=s.number("session_binding_ttl_seconds", 86_400.0, minimum=1),
