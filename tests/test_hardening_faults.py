@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from hardening_support import (
     LOOPBACK,
+    Behaviour,
     RecordingUpstream,
     Sidecar,
     UpstreamConnection,
@@ -32,6 +33,7 @@ from hardening_support import (
     wait_for_condition,
 )
 
+from sidecar.proxy import SMALL_BODY
 from sidecar.store import KeyRecord
 
 pytestmark = pytest.mark.timeout(60)
@@ -152,24 +154,40 @@ async def test_upstream_reset_mid_stream_ends_the_clients_sse_stream_cleanly(
     await assert_still_healthy(sidecar, upstream, key)
 
 
-async def test_upstream_reset_inside_a_sized_body_closes_the_client_connection_instead_of_lying(
-        sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
-    _, key = credentials
-
+def _sized_then_reset(length: int) -> Behaviour:
     async def behaviour(conn: UpstreamConnection) -> None:
         await read_request(conn.reader)
-        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n"
-                   + b"{" + b" " * 99)
+        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: "
+                   + str(length).encode() + b"\r\n\r\n" + b"{" + b" " * 99)
         await asyncio.sleep(0.1)
         conn.reset()
+    return behaviour
 
-    upstream.behaviour = behaviour
+
+async def test_upstream_reset_inside_a_large_sized_body_closes_the_client_connection_instead_of_lying(
+        sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
+    _, key = credentials
+    length = SMALL_BODY + 1000  # streamed: the head is already with the client when the reset comes
+    upstream.behaviour = _sized_then_reset(length)
     raw = await exchange(sidecar.port, http_request("GET", "/mcp", [("Authorization", f"Bearer {key}")]),
                          wait=5)
     [response] = parse_responses(raw)
     assert response.status == 200
-    assert response.fields["content-length"] == ["1000"]
+    assert response.fields["content-length"] == [str(length)]
     assert not response.complete  # the client can tell the body was cut short
+    await assert_still_healthy(sidecar, upstream, key)
+
+
+async def test_upstream_reset_inside_a_small_sized_body_is_a_502_not_a_truncated_answer(
+        sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
+    _, key = credentials
+    upstream.behaviour = _sized_then_reset(1000)  # relayed in one piece, so nothing was sent yet
+    raw = await exchange(sidecar.port, http_request("GET", "/mcp", [("Authorization", f"Bearer {key}")]),
+                         wait=5)
+    [response] = parse_responses(raw)
+    assert response.status == 502
+    assert response.fields["content-type"][0].startswith("application/json")
+    assert key.encode() not in raw
     await assert_still_healthy(sidecar, upstream, key)
 
 
