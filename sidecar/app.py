@@ -236,8 +236,9 @@ def create_proxy_app(services: Services) -> web.Application:
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/.well-known/jwks.json", jwks)
     for prefix in DISCOVERY_PREFIXES:
-        app.router.add_get(prefix, discovery_not_found)
-        app.router.add_get(prefix + "/{tail:.*}", discovery_not_found)
+        # Any method: a probe is never forwarded upstream or answered with an auth challenge.
+        app.router.add_route("*", prefix, discovery_not_found)
+        app.router.add_route("*", prefix + "/{tail:.*}", discovery_not_found)
     app.router.add_route("*", "/{tail:.*}", proxy)
     return app
 

@@ -188,6 +188,8 @@ async def test_public_endpoints_answer_without_credentials_and_never_reach_upstr
                 assert resp.content_type == "application/json"
                 assert set(await resp.json()) == {"error", "error_description"}
                 assert "WWW-Authenticate" not in resp.headers
+            async with http.post(sidecar.proxy_url + path, data=b"{}") as resp:
+                assert resp.status == 404, path  # any method: a probe never gets a challenge
         for base in (sidecar.proxy_url, sidecar.admin_url):
             async with http.get(base + "/healthz") as resp:
                 assert resp.status == 200
