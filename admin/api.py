@@ -20,7 +20,7 @@ from admin.openapi import openapi_document
 from sidecar.app import Services
 from sidecar.errors import ApiError, json_response
 from sidecar.keys import key_json
-from sidecar.store import DISABLED, ENABLED, KeyRecord
+from sidecar.store import DISABLED, ENABLED, KeyRecord, to_rfc3339
 
 API = "/admin/api"
 AUDIT_DEFAULT_LIMIT = 50
@@ -140,7 +140,8 @@ class KeyApi:
         new, full, old = await self._services.keys.rotate(
             request.match_info["id"], name=body["name"], disable_old_at=body.get("disable_old_at"),
             actor=caller.name, client=caller.client)
-        return json_response(201, {**self._key(new), "key": full, "rotated_from": self._key(old)},
+        return json_response(201, {**self._key(new), "key": full, "rotated_from": self._key(old),
+                                   "disable_old_at": to_rfc3339(old.disable_at)},
                              headers={"Location": f"{API}/keys/{new.id}"})
 
     async def list_roles(self, request: web.Request) -> web.Response:

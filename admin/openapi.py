@@ -171,7 +171,6 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
         "last_used_at": _TIME_OR_NULL,
         "disabled_at": _TIME_OR_NULL,
         "expires_at": _TIME_OR_NULL,
-        "disable_at": {**_TIME_OR_NULL, "description": "A disable scheduled by a rotation"},
     }
     full_key = {"type": "string", "pattern": "^tak_[0-9A-Za-z]{46}$",
                 "description": "The full key. Shown only in this response; store it now."}
@@ -187,9 +186,11 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                 "properties": key_properties},
         "NewKey": {"type": "object", "required": [*key_properties, "key"], "additionalProperties": False,
                    "properties": {**key_properties, "key": full_key}},
-        "RotatedKey": {"type": "object", "required": [*key_properties, "key", "rotated_from"],
+        "RotatedKey": {"type": "object", "required": [*key_properties, "key", "rotated_from", "disable_old_at"],
                        "additionalProperties": False,
-                       "properties": {**key_properties, "key": full_key, "rotated_from": _ref("Key")}},
+                       "properties": {**key_properties, "key": full_key, "rotated_from": _ref("Key"),
+                                      "disable_old_at": {**_TIME_OR_NULL,
+                                                         "description": "When the old key will be disabled"}}},
         "KeyList": {"type": "object", "required": ["keys"],
                     "properties": {"keys": {"type": "array", "items": _ref("Key")}}},
         "CreateKeyRequest": {

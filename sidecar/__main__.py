@@ -42,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         return p
 
     with_config(commands.add_parser("serve", help="run the proxy and admin listeners"))
-    demo = commands.add_parser("demo", help="example MCP server + sidecar + keys, ready to try")
+    demo = with_config(commands.add_parser("demo", help="example MCP server + sidecar + keys, ready to try"))
     demo.add_argument("--port", type=int, default=8080, help="public port (admin is port + 1010)")
     demo.add_argument("--once", action="store_true", help="set up, self-check, print, and exit")
 
@@ -108,8 +108,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             if as_json:
                 print(json.dumps(data, indent=2))
             else:
+                print(f"key: {full}\nThis is the only time the full key is shown; store it now.\n")
                 _print_key(data, False)
-                print(f"\n  key: {full}\n\nThis is the only time the full key is shown; store it now.")
             return 0
         if verb == "list":
             records = [key_json(r, settings) for r in await manager.list()]
@@ -142,7 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "demo":
         from sidecar.demo import run_demo
 
-        return run_demo(port=args.port, once=args.once)
+        roles = None
+        if args.config:  # optional for the demo: only its roles are used (the rest is the demo's)
+            try:
+                roles = load_settings(args.config, os.environ).roles
+            except SettingsError as exc:
+                print(f"toolio-sidecar: {exc}", file=sys.stderr)
+                return 2
+        return run_demo(port=args.port, once=args.once, roles=roles)
     try:
         settings = _settings(args)
     except SettingsError as exc:

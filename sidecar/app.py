@@ -186,6 +186,11 @@ class Services:
         self.metrics.cache_size.set(len(self.cache))
         if record.status == DISABLED:
             self.streams.cut(record.id)
+        else:
+            # Enabled again: the same key works at once (SPEC 2), with no leftover refusals.
+            self.streams.uncut(record.id)
+            if self.authenticator is not None:
+                self.authenticator.forgive(record.lookup_id)
 
 
 @dataclass(frozen=True)

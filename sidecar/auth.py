@@ -68,6 +68,9 @@ class LastUsed:
 _KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{46}")
 
 
+_REFUSED_WITHOUT_GUESSING = frozenset({"disabled", "expired", "workspace"})
+
+
 def bearer_token(request: web.BaseRequest) -> str:
     """The token of the single ``Authorization: Bearer`` header, or the RFC 6750 error."""
     # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
@@ -144,6 +147,10 @@ class Authenticator:
         self._metrics.cache_misses.inc()
         return await self._verify(parsed, parsed.digest, request)
 
+    def forgive(self, lookup_id: str) -> None:
+        """Forget failures against ``lookup_id`` (its key was just enabled again)."""
+        self._by_lookup.forget(lookup_id)
+
     def _check_budget(self, client: str, lookup_id: str | None) -> None:
         wait = self._by_address.retry_after(client)
         if wait is None and lookup_id is not None:
@@ -155,7 +162,10 @@ class Authenticator:
     def _fail(self, lookup_id: str | None, request: web.BaseRequest, reason: str) -> None:
         client = self._client_address(request)
         self._by_address.record_failure(client)
-        if lookup_id is not None:
+        # The lookup-id budget bounds guessing at a key's secret. A disabled, expired or foreign
+        # key is refused without argon2 and teaches nothing, so it does not spend that budget:
+        # otherwise a revoked client's retries would lock the key out after it is enabled again.
+        if lookup_id is not None and reason not in _REFUSED_WITHOUT_GUESSING:
             self._by_lookup.record_failure(lookup_id)
         self._metrics.count_auth_failure(reason)
         self._audit.auth_failed(lookup_id, client, reason)
@@ -163,9 +173,10 @@ class Authenticator:
     async def _verify(self, parsed: ParsedKey, digest: bytes, request: web.BaseRequest) -> Principal:
         client = self._client_address(request)
         self._check_budget(client, parsed.lookup_id)
-        if self._cache.is_known_bad(digest):
-            self._fail(parsed.lookup_id, request, "invalid")
-            raise InvalidToken()
+        known = self._cache.known_bad(digest)
+        if known is not None:
+            self._fail(parsed.lookup_id, request, known)
+            raise InvalidToken(known)
         # Single flight: one verification per token at a time. A burst of first requests from one
         # agent (or an attacker repeating one guess) shares a single store read and argon2 run, and
         # the verification is its own task, so a client going away cannot cut it short for others.
@@ -193,7 +204,7 @@ class Authenticator:
         if reason is not None:
             # Disabled / expired / unknown keys are refused before argon2: nothing to learn from
             # the secret, and it keeps a revoked client's retries cheap.
-            self._cache.remember_bad(digest, epoch)
+            self._cache.remember_bad(digest, epoch, reason)
             raise InvalidToken(reason)
         assert record is not None
         # Check the budgets again (others may have spent them while we read the store) and hold

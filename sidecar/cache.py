@@ -40,7 +40,7 @@ class KeyCache:
                  on_evict: Callable[[], None] = lambda: None) -> None:
         self._entries = _CountingLRU(size, on_evict)          # lookup id -> entry
         self._by_key_id: dict[str, str] = {}                  # key id -> lookup id
-        self._negative: TTLCache[bytes, int] | None = (
+        self._negative: TTLCache[bytes, str] | None = (
             TTLCache(negative_size, negative_ttl, timer=time.monotonic) if negative_ttl > 0 else None
         )
         self.epoch = 0
@@ -78,9 +78,13 @@ class KeyCache:
         if self._negative is not None:
             self._negative.clear()
 
-    def is_known_bad(self, digest: bytes) -> bool:
-        return self._negative is not None and digest in self._negative
+    def known_bad(self, digest: bytes) -> str | None:
+        """Why this token failed recently (e.g. "invalid", "disabled"), or None."""
+        return self._negative.get(digest) if self._negative is not None else None
 
-    def remember_bad(self, digest: bytes, fill_epoch: int) -> None:
+    def is_known_bad(self, digest: bytes) -> bool:
+        return self.known_bad(digest) is not None
+
+    def remember_bad(self, digest: bytes, fill_epoch: int, reason: str = "invalid") -> None:
         if self._negative is not None and fill_epoch == self.epoch:
-            self._negative[digest] = 1
+            self._negative[digest] = reason

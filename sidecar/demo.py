@@ -10,13 +10,15 @@ import json
 import socket
 import sys
 import tempfile
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from sidecar.app import SidecarApps, create_app
 from sidecar.logs import JsonLog
 from sidecar.server import drain, start
-from sidecar.settings import Settings, settings_from_mapping
+from sidecar.settings import Role, Settings, settings_from_mapping
 
 
 def _free_port(preferred: int) -> int:
@@ -31,8 +33,9 @@ def _free_port(preferred: int) -> int:
     raise OSError("no free port on 127.0.0.1")
 
 
-def demo_settings(data_dir: Path, upstream: str, port: int, admin_port: int) -> Settings:
-    return settings_from_mapping({
+def demo_settings(data_dir: Path, upstream: str, port: int, admin_port: int,
+                  roles: Mapping[str, Role] | None = None) -> Settings:
+    settings = settings_from_mapping({
         "workspace": "demo",
         "data_dir": str(data_dir),
         "shutdown_grace_seconds": 2,
@@ -45,6 +48,11 @@ def demo_settings(data_dir: Path, upstream: str, port: int, admin_port: int) -> 
                           "permissions": ["org:settings"]},
         },
     }, {})
+    if roles:
+        # Roles from the operator's own config, plus the two the demo's keys need.
+        settings = replace(settings, roles={**{k: settings.roles[k] for k in ("org-admin", "viewer",
+                                                                              "planner")}, **roles})
+    return settings
 
 
 async def _self_check(url: str, key: str) -> str:
@@ -61,7 +69,7 @@ async def _self_check(url: str, key: str) -> str:
         return f"add(2, 3) = {value}"
 
 
-async def _run(port: int, once: bool, out: Any) -> int:
+async def _run(port: int, once: bool, out: Any, roles: Mapping[str, Role] | None) -> int:
     from sidecar.example_server import ExampleServerHandle
 
     with tempfile.TemporaryDirectory(prefix="toolio-demo-") as tmp:
@@ -69,7 +77,7 @@ async def _run(port: int, once: bool, out: Any) -> int:
         await upstream.start()
         public = _free_port(port)
         admin_port = _free_port(public + 1010 if public + 1010 < 65536 else 0)
-        settings = demo_settings(Path(tmp), upstream.base_url, public, admin_port)
+        settings = demo_settings(Path(tmp), upstream.base_url, public, admin_port, roles)
         log_path = Path(tmp) / "access.log"
         with log_path.open("w") as log_stream:
             apps: SidecarApps = create_app(settings, log=JsonLog(stream=log_stream))
@@ -122,11 +130,11 @@ Try it:
     return 0
 
 
-def run_demo(port: int = 8080, once: bool = False) -> int:
+def run_demo(port: int = 8080, once: bool = False, roles: Mapping[str, Role] | None = None) -> int:
     try:
         import mcp  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
         print("toolio-sidecar demo needs the demo extra: pip install 'toolio-sidecar[demo]'", file=sys.stderr)
         return 2
-    return asyncio.run(_run(port, once, sys.stdout))
+    return asyncio.run(_run(port, once, sys.stdout, roles))

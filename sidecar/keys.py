@@ -52,7 +52,6 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
         "last_used_at": to_rfc3339(record.last_used_at),
         "disabled_at": to_rfc3339(record.disabled_at),
         "expires_at": to_rfc3339(record.expires_at),
-        "disable_at": to_rfc3339(record.disable_at),
     }
 
 

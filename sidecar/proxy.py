@@ -23,7 +23,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.assertion import Signer
 from sidecar.auth import Authenticator
-from sidecar.errors import AuthError, ProxyError
+from sidecar.errors import AuthError, InvalidToken, ProxyError
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.peers import Network, client_address, is_trusted
@@ -154,6 +154,9 @@ class StreamRegistry:
         self.idle = asyncio.Event()
         self.idle.set()
         self._count = 0
+        # key id -> when it was last cut (perf_counter): a request whose authentication began
+        # before that moment must not start forwarding afterwards (see was_cut_since).
+        self._cut_at: dict[str, float] = {}
 
     def add(self, key_id: str, task: asyncio.Task[object]) -> None:
         tasks = self._by_key.get(key_id)
@@ -179,11 +182,24 @@ class StreamRegistry:
 
     def cut(self, key_id: str) -> int:
         """Cancel every in-flight request of ``key_id``; returns how many."""
+        now = time.perf_counter()
+        if len(self._cut_at) > 10_000:
+            self._cut_at = {k: t for k, t in self._cut_at.items() if now - t < 60}
+        self._cut_at[key_id] = now
         tasks = list(self._by_key.get(key_id, ()))
         for task in tasks:
             self.cut_tasks.add(task)
             task.cancel()
         return len(tasks)
+
+    def was_cut_since(self, key_id: str, moment: float) -> bool:
+        """Was ``key_id`` cut at or after ``moment`` (a perf_counter reading)?"""
+        at = self._cut_at.get(key_id)
+        return at is not None and at >= moment
+
+    def uncut(self, key_id: str) -> None:
+        """The key is usable again (enabled): forget its last cut."""
+        self._cut_at.pop(key_id, None)
 
     def cut_all(self) -> int:
         return sum(self.cut(key_id) for key_id in list(self._by_key))
@@ -197,7 +213,10 @@ class SessionBindings:
         self._owners: TTLCache[str, str] = TTLCache(maxsize, ttl, timer=time.monotonic)
 
     def owner(self, session_id: str) -> str | None:
-        return self._owners.get(session_id)
+        owner = self._owners.get(session_id)
+        if owner is not None:
+            self._owners[session_id] = owner  # refreshed by use: an active session never lapses
+        return owner
 
     def bind(self, session_id: str, key_id: str) -> None:
         self._owners[session_id] = key_id
@@ -263,7 +282,7 @@ class ProxyHandler:
         try:
             self._guard(request)
             principal = await self._auth.authenticate(request)
-            return await self._forward(request, principal, outcome)
+            return await self._forward(request, principal, outcome, started)
         except (AuthError, ProxyError) as exc:
             outcome.status = exc.status
             response = exc.response()
@@ -307,8 +326,25 @@ class ProxyHandler:
         if length is not None and length > self._settings.max_body_bytes:
             raise _body_too_large(self._settings.max_body_bytes)
 
-    async def _forward(self, request: web.Request, principal: Principal,
-                       outcome: _Outcome) -> web.StreamResponse:
+    async def _forward(self, request: web.Request, principal: Principal, outcome: _Outcome,
+                       started: float) -> web.StreamResponse:
+        # Registered before the first await of forwarding (reading the body), so a disable from
+        # now on cuts this request; and one that landed while authentication was still running
+        # (a shared argon2 verification, a slow store read) refuses it here (SPEC 2: the next
+        # request after a disable is rejected).
+        task: asyncio.Task[object] | None = asyncio.current_task()
+        assert task is not None
+        self._streams.add(principal.key_id, task)
+        try:
+            return await self._forward_registered(request, principal, outcome, started, task)
+        finally:
+            self._streams.discard(principal.key_id, task)
+
+    async def _forward_registered(self, request: web.Request, principal: Principal, outcome: _Outcome,
+                                  started: float, task: asyncio.Task[object]) -> web.StreamResponse:
+        if self._streams.was_cut_since(principal.key_id, started):
+            self._metrics.count_auth_failure("disabled")
+            raise InvalidToken("disabled")
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is not None:
             owner = self._bindings.owner(session_id)
@@ -354,9 +390,6 @@ class ProxyHandler:
             data = await request.read()
         else:
             data = body()
-        task: asyncio.Task[object] | None = asyncio.current_task()
-        assert task is not None
-        self._streams.add(principal.key_id, task)
         up: aiohttp.ClientResponse | None = None
         queued = self._in_flight_upstream >= self._settings.upstream_max_connections
         self._in_flight_upstream += 1
@@ -403,7 +436,6 @@ class ProxyHandler:
             raise
         finally:
             self._in_flight_upstream -= 1
-            self._streams.discard(principal.key_id, task)
             if up is not None:
                 up.close()  # close, not release: never return a half-read connection to the pool
 

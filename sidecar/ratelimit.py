@@ -36,6 +36,9 @@ class FailureLimiter:
         now = time.monotonic()
         self._buckets[subject] = (max(0.0, self._level(subject, now) - 1.0), now)
 
+    def forget(self, subject: str) -> None:
+        self._buckets.pop(subject, None)
+
     def refund(self, subject: str) -> None:
         """Give back one unit taken by :meth:`record_failure` (a held attempt that succeeded)."""
         now = time.monotonic()

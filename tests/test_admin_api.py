@@ -260,7 +260,7 @@ async def test_rotate_makes_a_new_key_with_the_same_roles(tmp_path: Path) -> Non
         assert rotated["name"] == "agent-2"
         assert rotated["roles"] == ["viewer", "writer"]
         assert rotated["rotated_from"]["id"] == old["id"]
-        assert rotated["rotated_from"]["disable_at"] is not None
+        assert rotated["disable_old_at"] is not None
         assert resp.headers["Location"] == f"/admin/api/keys/{rotated['id']}"
         # Both work until the scheduled time.
         assert await sc.proxy_status(old["key"]) == 200
