@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -260,7 +261,9 @@ async def test_attack_with_default_argon2_costs_little_and_leaves_valid_traffic_
         "baseline_median_ms": round(statistics.median(before + after) * 1000, 2),
         "attack_median_ms": round(statistics.median(during) * 1000, 2),
         "attack_seconds": round(attack_seconds, 3), "argon2_runs": attack_runs}
-    # A 2-core, noisy machine: 2x the baseline p99 plus 5 ms of slack.
-    assert p99(during) <= 2 * baseline_p99 + 0.005, details
+    # A 2-core, noisy machine: 2x the baseline p99, plus slack for two GIL hand-offs to the argon2
+    # threads (sys.getswitchinterval() is 5 ms each). Before argon2 got its own low-priority pool
+    # the attack p99 was 25-37 ms; with it, 3-6 ms here against a ~1.4 ms baseline.
+    assert p99(during) <= 2 * baseline_p99 + 2 * sys.getswitchinterval(), details
     assert upstream.completed
     assert all(b"X-Toolio-Key-Name: busy-agent" in head for head, _ in upstream.completed)
