@@ -41,8 +41,17 @@ class ParsedKey:
 
     @property
     def digest(self) -> bytes:
-        """SHA-256 of the whole key: what the verified-key cache compares (constant time)."""
-        return hashlib.sha256(self.full.encode("ascii")).digest()
+        return key_digest(self.full)
+
+
+def key_digest(text: str) -> bytes:
+    """SHA-256 of a presented token: what the verified-key cache compares (constant time)."""
+    return hashlib.sha256(text.encode("utf-8", "surrogateescape")).digest()
+
+
+def lookup_id_of(text: str) -> str:
+    """The lookup-id position of a token (meaningful only once it parses or matches the cache)."""
+    return text[len(PREFIX):len(PREFIX) + LOOKUP_LEN]
 
 
 def _base62(value: int, width: int) -> str:

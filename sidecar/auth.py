@@ -15,7 +15,6 @@ Order matters for cost and for fairness under attack:
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import re
 import threading
@@ -27,7 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, parse_key
+from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, key_digest, lookup_id_of, parse_key
 from sidecar.audit import AuditLog
 from sidecar.cache import KeyCache
 from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
@@ -128,9 +127,9 @@ class Authenticator:
         form), with the same cache, failure budgets and accounting as :meth:`authenticate`."""
         # Hot path: a token whose digest matches a verified key *is* that key, so its shape and
         # checksum were already checked when it was verified; parse only on a miss.
+        digest = key_digest(token)
         if len(token) == KEY_LEN:
-            digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()
-            principal = self._cache.get(token[4:12], digest)
+            principal = self._cache.get(lookup_id_of(token), digest)
             if principal is not None:
                 if principal.deadline is not None and time.time() >= principal.deadline:
                     self._fail(principal.lookup_id, request, "expired")
@@ -145,7 +144,7 @@ class Authenticator:
             self._fail(None, request, "invalid")
             raise InvalidToken() from None
         self._metrics.cache_misses.inc()
-        return await self._verify(parsed, parsed.digest, request)
+        return await self._verify(parsed, digest, request)
 
     def forgive(self, lookup_id: str) -> None:
         """Forget failures against ``lookup_id`` (its key was just enabled again)."""

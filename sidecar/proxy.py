@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -129,14 +129,12 @@ def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principa
     return out
 
 
-def response_headers(headers: Mapping[str, str] | CIMultiDict[str] | CIMultiDictProxy[str],
-                     items: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
-    # RFC 9110 7.6.1 applies to responses too. aiohttp's ClientResponse.headers is a
-    # CIMultiDictProxy, which is not a CIMultiDict: check both or Connection is never read.
-    named = connection_tokens(
-        headers.getall("Connection", []) if isinstance(headers, CIMultiDict | CIMultiDictProxy) else [])
+def response_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's response fields minus hop-by-hop ones, which RFC 9110 7.6.1 scopes to one
+    connection in responses too (including any the upstream names in its own Connection)."""
+    named = connection_tokens(headers.getall("Connection", []))
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in items:
+    for name, value in headers.items():
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower in named:
             continue
@@ -458,9 +456,9 @@ class ProxyHandler:
             outcome.status = up.status
             outcome.bytes_out = len(body)
             return web.Response(status=up.status, reason=up.reason, body=body,
-                                headers=response_headers(up.headers, up.headers.items()))
+                                headers=response_headers(up.headers))
         resp = web.StreamResponse(status=up.status, reason=up.reason,
-                                  headers=response_headers(up.headers, up.headers.items()))
+                                  headers=response_headers(up.headers))
         if length is not None and request.method != "HEAD":
             resp.content_length = length
         outcome.status = up.status
