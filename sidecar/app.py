@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -31,6 +30,7 @@ from sidecar.metrics import Metrics
 from sidecar.proxy import ProxyHandler, SessionBindings, StreamRegistry
 from sidecar.settings import Settings
 from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore
+from sidecar.upstream import UpstreamPool
 
 # OAuth discovery probes (RFC 9728, RFC 8414, OIDC Discovery) answered with a JSON 404 so MCP
 # clients in API-key mode learn at once that there is no authorization server here.
@@ -57,7 +57,7 @@ class Services:
                                         settings.proxy.session_binding_ttl_seconds)
         self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.key_changed)
         self.signer: Signer | None = None
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: UpstreamPool | None = None
         self.authenticator: Authenticator | None = None
         self.proxy: ProxyHandler | None = None
         self.draining = False
@@ -88,22 +88,12 @@ class Services:
         self._revision, _ = await self.store.changes_since(1 << 62)
         self._marker = await self.store.external_change_marker()
         proxy = settings.proxy
-        connector = aiohttp.TCPConnector(limit=proxy.upstream_max_connections, limit_per_host=0,
-                                         ttl_dns_cache=10, enable_cleanup_closed=True)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # Requests through the proxy must never share state: no cookie jar (one client's
-            # Set-Cookie would ride on another's requests), no env proxies, bodies untouched.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            trust_env=False,
-            skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-            timeout=aiohttp.ClientTimeout(total=None, connect=proxy.upstream_pool_timeout_seconds,
-                                          sock_connect=proxy.upstream_timeout_seconds),
-        )
+        self.pool = UpstreamPool(proxy.upstream, max_connections=proxy.upstream_max_connections,
+                                 pool_timeout=proxy.upstream_pool_timeout_seconds,
+                                 connect_timeout=proxy.upstream_timeout_seconds)
         self.authenticator = Authenticator(settings, self.store, self.cache, self.hasher, self.metrics,
                                            self.audit, self.last_used, self._client_address)
-        self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.session, self.metrics,
+        self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
                                   self.log, self.streams, self.bindings)
         await self.refresh_key_gauge()
         self._tasks = [
@@ -126,8 +116,8 @@ class Services:
         if self.authenticator is not None:
             await self.authenticator.close()
         await self.flush()
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
         await self.store.close()
         self.log.flush()
 
@@ -171,6 +161,8 @@ class Services:
         self._marker = marker
 
     async def _housekeeping(self) -> None:
+        if self.pool is not None:
+            self.pool.expire_idle()
         await run_scheduled_disables(self.keys, self.store)
         await self.audit.flush_failures()
         await self.refresh_key_gauge()

@@ -15,11 +15,10 @@ import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-import aiohttp
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from cachetools import TTLCache
-from multidict import CIMultiDict, CIMultiDictProxy
+from multidict import CIMultiDict
 
 from sidecar.assertion import Signer
 from sidecar.auth import Authenticator
@@ -29,6 +28,7 @@ from sidecar.metrics import Metrics
 from sidecar.peers import Network, client_address, is_trusted
 from sidecar.principal import Principal
 from sidecar.settings import ProxySettings
+from sidecar.upstream import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward, plus the fields this
 # proxy owns itself: Host (the upstream's own, SPEC 3), Expect (100-continue is answered here)
@@ -37,13 +37,18 @@ HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer",
     "proxy-authorization", "proxy-authenticate",
 })
-_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "authorization"}
+# Content-Length too: the proxy frames the upstream request itself (RFC 9112 6.3), from the body
+# it actually relays.
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "authorization", "content-length"}
 _FORWARDED = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
                         "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"})
 _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 IDENTITY_HEADERS = ("X-Toolio-Key-Id", "X-Toolio-Key-Name", "X-Toolio-Workspace", "X-Toolio-Roles",
                     "X-Toolio-Permissions", "X-Toolio-Assertion")
 SESSION_HEADER = "Mcp-Session-Id"
+# Methods whose requests normally carry content (RFC 9110 9.3): without a body they are sent with
+# Content-Length: 0, as a general-purpose client would.
+_CONTENT_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Bodies with a declared length up to this size are relayed in one piece (see _forward/_relay).
 SMALL_BODY = 64 * 1024
 # uri-host [ ":" port ] (RFC 9110 7.2, RFC 3986 3.2.2): an IP-literal, or a name of unreserved
@@ -80,8 +85,8 @@ def _action(name: str) -> int:
     return action
 
 
-def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
-                     peer: str, peer_trusted: bool, proto: str, host: str) -> CIMultiDict[str]:
+def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
+                          peer: str, peer_trusted: bool, proto: str, host: str) -> list[tuple[str, str]]:
     """What goes upstream: the client's headers minus credentials, hop-by-hop fields, anything
     that could pose as our identity headers, and untrusted forwarding info; plus exactly one
     of each identity and X-Forwarded-* header."""
@@ -125,16 +130,35 @@ def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principa
         ("X-Toolio-Permissions", principal.permissions_header),
         ("X-Toolio-Assertion", assertion),
     )
-    out: CIMultiDict[str] = CIMultiDict(kept)
-    return out
+    return kept
 
 
-def response_headers(headers: CIMultiDict[str] | CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
+                     peer: str, peer_trusted: bool, proto: str, host: str) -> CIMultiDict[str]:
+    """``upstream_header_lines`` as a multidict (for callers that look fields up by name)."""
+    return CIMultiDict(upstream_header_lines(incoming, principal=principal, assertion=assertion, peer=peer,
+                                             peer_trusted=peer_trusted, proto=proto, host=host))
+
+
+def request_head(method: str, target: str, authority: str, fields: list[tuple[str, str]], framing: str) -> bytes:
+    """The upstream request's head (RFC 9112 3, 5): request line, Host, ``fields``, the framing
+    field, blank line. Field names and values came through the server's parser (llhttp rejects
+    CR, LF and NUL in them) or are the sidecar's own, so nothing here can split the head.
+    utf-8 with surrogateescape reverses aiohttp's decoding: the client's bytes pass unchanged."""
+    parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
+    parts += [f"{name}: {value}\r\n" for name, value in fields]
+    parts.append(framing)
+    parts.append("\r\n")
+    return "".join(parts).encode("utf-8", "surrogateescape")
+
+
+def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
     """The upstream's response fields minus hop-by-hop ones, which RFC 9110 7.6.1 scopes to one
     connection in responses too (including any the upstream names in its own Connection)."""
-    named = connection_tokens(headers.getall("Connection", []))
+    items = headers if isinstance(headers, list | tuple) else list(headers)
+    named = connection_tokens(value for name, value in items if name.lower() == "connection")
     out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
+    for name, value in items:
         lower = name.lower()
         if lower in _RESPONSE_DROP or lower in named:
             continue
@@ -255,20 +279,18 @@ class _Outcome:
 
 class ProxyHandler:
     def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
-                 session: aiohttp.ClientSession, metrics: Metrics, log: JsonLog,
+                 pool: UpstreamPool, metrics: Metrics, log: JsonLog,
                  streams: StreamRegistry, bindings: SessionBindings) -> None:
         self._settings = settings
-        self._upstream = settings.upstream
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = authenticator
         self._signer = signer
-        self._session = session
+        self._pool = pool
         self._metrics = metrics
         self._log = log
         self._streams = streams
         self._bindings = bindings
         self._head_timeout = settings.upstream_timeout_seconds
-        self._in_flight_upstream = 0
 
     def client_address(self, request: web.BaseRequest) -> str:
         return client_address(request, self._trusted)
@@ -349,12 +371,12 @@ class ProxyHandler:
             if owner is not None and owner != principal.key_id:
                 raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
         path_qs = request.raw_path
-        peer_trusted = is_trusted(request.remote, self._trusted)
-        headers = upstream_headers(
-            tuple(request.headers.items()), principal=principal,
+        pool = self._pool
+        fields = upstream_header_lines(
+            request.headers.items(), principal=principal,
             assertion=self._signer.sign(principal, request.method, path_qs),
-            peer=request.remote or "unknown", peer_trusted=peer_trusted, proto=request.scheme,
-            host=request.host,
+            peer=request.remote or "unknown", peer_trusted=is_trusted(request.remote, self._trusted),
+            proto=request.scheme, host=request.host,
         )
         too_large = False
         malformed = False
@@ -376,35 +398,37 @@ class ProxyHandler:
                 malformed = True
                 raise
 
+        method = request.method
         length = request.content_length
         data: AsyncIterator[bytes] | bytes | None
         if not request.body_exists:
             data = None
+            # RFC 9110 8.6: a method that usually has content says "none" with a zero length.
+            framing = "Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""
         elif length is not None and length <= SMALL_BODY:
             # A small body with a declared length is one complete JSON-RPC message already in
-            # the socket buffer: relaying it in one piece saves the per-chunk machinery
-            # (PERFORMANCE.md: body streaming is ~17% of a bare proxy's cost). Anything chunked,
-            # larger, or without a length streams chunk by chunk.
+            # the socket buffer: relaying it in one piece (head and body in one write) saves the
+            # per-chunk machinery (PERFORMANCE.md: body streaming is ~17% of a bare proxy's cost).
+            # Anything chunked, larger, or without a length streams chunk by chunk.
             data = await request.read()
+            framing = f"Content-Length: {len(data)}\r\n"
         else:
             data = body()
-        up: aiohttp.ClientResponse | None = None
-        queued = self._in_flight_upstream >= self._settings.upstream_max_connections
-        self._in_flight_upstream += 1
+            framing = "Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n"
+        head = request_head(method, pool.base_path + path_qs, pool.authority, fields, framing)
+        up: UpstreamResponse | None = None
         try:
             sent = time.perf_counter()
             try:
-                async with asyncio.timeout(self._head_timeout):
-                    up = await self._session.request(
-                        request.method, self._upstream + path_qs, headers=headers, data=data,
-                        allow_redirects=False,
-                    )
-            # ConnectionTimeoutError (no pooled connection or no TCP connect in time) subclasses
-            # TimeoutError, so it must be caught first or pool exhaustion would read as a 504.
-            except aiohttp.ConnectionTimeoutError:
-                if queued:
+                up = await pool.request(method, head, data, length, self._head_timeout)
+            except UpstreamError as exc:
+                if isinstance(exc, PoolExhausted):
                     self._metrics.upstream_errors.labels("pool_exhausted").inc()
                     raise ProxyError(503, "upstream_busy", "Too many requests in flight; retry") from None
+                if too_large:
+                    raise self._too_large() from None
+                if malformed:
+                    raise _MalformedBody() from None
                 self._metrics.upstream_errors.labels("unreachable").inc()
                 raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
             except TimeoutError:
@@ -413,18 +437,23 @@ class ProxyHandler:
                 self._metrics.upstream_errors.labels("timeout").inc()
                 raise ProxyError(504, "upstream_timeout",
                                  "The MCP server did not answer in time") from None
-            except (aiohttp.ClientError, _BodyTooLarge, OSError) as exc:
-                if too_large or isinstance(exc, _BodyTooLarge):
+            except _BodyTooLarge:
+                raise self._too_large() from None
+            except HttpProcessingError:
+                raise _MalformedBody() from None
+            except OSError:
+                # The client's body stopped before its Content-Length (the client went away).
+                if too_large:
                     raise self._too_large() from None
                 if malformed:
                     raise _MalformedBody() from None
                 self._metrics.upstream_errors.labels("unreachable").inc()
                 raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
             self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
-            new_session = up.headers.get(SESSION_HEADER)
+            new_session = up.header(SESSION_HEADER)
             if new_session is not None:
                 self._bindings.bind(new_session, principal.key_id)
-            if request.method == "DELETE" and session_id is not None and 200 <= up.status < 300:
+            if method == "DELETE" and session_id is not None and 200 <= up.status < 300:
                 self._bindings.forget(session_id)
             return await self._relay(request, up, outcome)
         except asyncio.CancelledError:
@@ -433,24 +462,24 @@ class ProxyHandler:
                 request.transport.close()
             raise
         finally:
-            self._in_flight_upstream -= 1
             if up is not None:
-                up.close()  # close, not release: never return a half-read connection to the pool
+                up.close()  # pooled only if the answer was read completely, else closed
 
     def _too_large(self) -> ProxyError:
         self._metrics.upstream_errors.labels("body_too_large").inc()
         return _body_too_large(self._settings.max_body_bytes)
 
-    async def _relay(self, request: web.Request, up: aiohttp.ClientResponse,
+    async def _relay(self, request: web.Request, up: UpstreamResponse,
                      outcome: _Outcome) -> web.StreamResponse:
         length = up.content_length
         streaming = up.content_type == "text/event-stream"
-        if length is not None and length <= SMALL_BODY and not streaming and request.method != "HEAD":
+        head_only = request.method == "HEAD"
+        if length is not None and length <= SMALL_BODY and not streaming and not head_only:
             # A complete small answer (the common JSON-RPC response): one read, one write of head
             # and body together. SSE and anything large or unbounded streams below.
             try:
                 body = await up.read()
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            except UpstreamError:
                 self._metrics.upstream_errors.labels("reset").inc()
                 raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
             outcome.status = up.status
@@ -459,21 +488,21 @@ class ProxyHandler:
                                 headers=response_headers(up.headers))
         resp = web.StreamResponse(status=up.status, reason=up.reason,
                                   headers=response_headers(up.headers))
-        if length is not None and request.method != "HEAD":
+        if length is not None and not head_only:
             resp.content_length = length
         outcome.status = up.status
         if streaming:
             self._metrics.open_streams.inc()
         try:
             await resp.prepare(request)
-            if request.method == "HEAD" or up.status in (204, 304):
+            if head_only or up.status in (204, 304):
                 await resp.write_eof()
                 return resp
             try:
-                async for chunk in up.content.iter_any():
+                async for chunk in up.iter_chunks():
                     outcome.bytes_out += len(chunk)
                     await resp.write(chunk)
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            except UpstreamError:
                 # Upstream reset mid-stream: a chunked/SSE response can still end cleanly; one with
                 # a Content-Length cannot, so the connection is closed instead of lying.
                 self._metrics.upstream_errors.labels("reset").inc()
