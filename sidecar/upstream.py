@@ -30,6 +30,7 @@ import collections
 import ssl
 import time
 from collections.abc import AsyncIterator
+from typing import cast
 from urllib.parse import urlsplit
 
 import httptools
@@ -108,8 +109,8 @@ class _Conn(asyncio.Protocol):
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # A stream transport (uvloop's is not a subclass of asyncio.Transport, hence no isinstance).
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         if not self.busy or self.complete:
@@ -121,6 +122,11 @@ class _Conn(asyncio.Protocol):
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
+            if self.complete:
+                # The error is in bytes after a complete answer (see on_message_begin): the answer
+                # stands, the rest is discarded (RFC 9112 6.3) and the connection closed.
+                self.close()
+                return
             self._fail(Disconnected(f"invalid response from upstream: {exc}") if not self.headers_done
                        else ResponseReset("invalid response body from upstream"))
             self.close()
@@ -156,6 +162,11 @@ class _Conn(asyncio.Protocol):
 
     # -- httptools callbacks ---------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.complete:
+            # More bytes after the final answer, in the same read (say its Content-Length undercounts):
+            # RFC 9112 6.3, a client MUST NOT process them as a separate response. Parsing on would
+            # overwrite this answer's status and fields and append to its body; stop here instead.
+            raise ValueError("data after the end of the response")
         self.reason = b""
         self.raw_headers = []
         self.head_bytes = 0
@@ -266,6 +277,10 @@ class _Conn(asyncio.Protocol):
                     transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
                 else:
                     sent += len(chunk)
+                    if sent > length:
+                        # Bytes past the Content-Length would be read by the upstream as the next
+                        # request on this connection (RFC 9112 6.3, 11.2: request smuggling).
+                        raise ConnectionResetError("request body longer than its Content-Length")
                     transport.write(chunk)
                 await self.drain()
             if length is None:
@@ -428,6 +443,11 @@ class UpstreamPool:
         retry = method in IDEMPOTENT and not isinstance(body, AsyncIterator)
         while True:
             conn = await self._acquire()
+            if conn.closed:
+                # Handed over by _release, then lost before this task woke up (connection_lost ran in
+                # between): a request written to it would get neither an answer nor an error. Its
+                # slot is already free (_forget): look again.
+                continue
             conn.start(method)
             transport = conn.transport
             assert transport is not None and conn.head is not None
@@ -472,14 +492,12 @@ class UpstreamPool:
                 async with asyncio.timeout(self._pool_timeout):
                     handed = await waiter
             except TimeoutError:
+                # The timeout can fire in the same loop iteration as a hand-over: the waiter then
+                # holds a connection (or a freed slot) that must go on, or the slot is lost for good.
+                self._pass_on(waiter)
                 raise PoolExhausted("no upstream connection free in time") from None
             except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled():
-                    given = waiter.result()
-                    if given is not None:
-                        self._release(given)
-                    else:
-                        self._wake_waiter()
+                self._pass_on(waiter)
                 raise
             finally:
                 if not waiter.done():
@@ -489,6 +507,15 @@ class UpstreamPool:
                 return handed
             # A slot was freed (a connection closed): fall through and open a new one.
         return await self._connect()
+
+    def _pass_on(self, waiter: asyncio.Future[_Conn | None]) -> None:
+        """A waiter gives up (timed out, cancelled): what it was handed goes to the next one."""
+        if waiter.done() and not waiter.cancelled():
+            given = waiter.result()
+            if given is None:
+                self._wake_waiter()
+            elif not given.closed:
+                self._release(given)
 
     async def _connect(self) -> _Conn:
         if self._closed:
