@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -237,6 +237,20 @@ def create_proxy_app(services: Services) -> web.Application:
         app.router.add_route("*", prefix, discovery_not_found)
         app.router.add_route("*", prefix + "/{tail:.*}", discovery_not_found)
     app.router.add_route("*", "/{tail:.*}", proxy)
+    app_paths = frozenset({"/healthz", "/.well-known/jwks.json"})
+
+    def shortcut(request: web.BaseRequest) -> Awaitable[web.StreamResponse] | None:
+        # Exactly the requests the router above would give to the catch-all proxy route: not one
+        # of the app's own paths or discovery prefixes (those, near misses included, go through
+        # the router), and no Expect, which the application answers (100-continue) before any
+        # handler. Skipping route resolution saves ~5% of a proxied request's CPU.
+        path = request.path
+        if path in app_paths or path.startswith(DISCOVERY_PREFIXES) or "Expect" in request.headers:
+            return None
+        assert services.proxy is not None
+        return services.proxy(request)  # type: ignore[arg-type]
+
+    app[state.SHORTCUT] = shortcut
     return app
 
 

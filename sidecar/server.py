@@ -19,6 +19,7 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
+from sidecar import state
 from sidecar.app import SidecarApps, create_app
 from sidecar.errors import json_response
 from sidecar.logs import JsonLog, install
@@ -129,6 +130,14 @@ class SidecarRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _guarded_server(self._head_timeout)
+        shortcut = self.app.get(state.SHORTCUT)
+        if shortcut is not None:
+            routed = server.request_handler
+
+            async def dispatch(request: BaseRequest) -> StreamResponse:
+                direct = shortcut(request)
+                return await (direct if direct is not None else routed(request))
+            server.request_handler = dispatch
         return server
 
 
