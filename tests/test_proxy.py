@@ -420,3 +420,48 @@ async def test_client_error_mid_stream_does_not_break_the_next_request(
         await asyncio.wait_for(echo.sse_closed.wait(), 1.0)
         async with http.get(sidecar.proxy_url + "/after", headers=bearer(key)) as again:
             assert again.status == 200
+
+
+async def test_requests_near_the_listeners_own_paths_are_proxied_like_any_other(
+        sidecar: RunningSidecar, echo: EchoUpstream) -> None:
+    # Proxied requests skip route resolution (server.SidecarRunner); this pins that the shortcut
+    # sends exactly what the router would: the app's own GET paths with another method, and paths
+    # that only share a prefix with a discovery path, are the MCP server's.
+    _, key = await sidecar.create_key()
+    async with client_session() as http:
+        for method, path in [("POST", "/healthz"), ("DELETE", "/.well-known/jwks.json"),
+                             ("GET", "/.well-known/oauth-protected-resourceX"), ("GET", "/healthz/x")]:
+            async with http.request(method, sidecar.proxy_url + path, headers=bearer(key)) as resp:
+                assert resp.status == 200, (method, path)
+                assert (await resp.json())["path_qs"] == path
+            async with http.request(method, sidecar.proxy_url + path) as resp:
+                assert resp.status == 401, (method, path)
+    assert [(r.method, r.path_qs) for r in echo.requests] == [
+        ("POST", "/healthz"), ("DELETE", "/.well-known/jwks.json"),
+        ("GET", "/.well-known/oauth-protected-resourceX"), ("GET", "/healthz/x")]
+
+
+async def test_expect_100_continue_is_answered_by_the_sidecar_and_the_body_forwarded(
+        sidecar: RunningSidecar, echo: EchoUpstream) -> None:
+    # RFC 9110 10.1.1: the client waits for 100 (Continue) before sending the body; the sidecar
+    # answers it itself and never passes Expect upstream (it is not the upstream's to answer).
+    _, key = await sidecar.create_key()
+    body = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+    reader, writer = await asyncio.open_connection("127.0.0.1", sidecar.proxy_port)
+    try:
+        writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+                     "Expect: 100-continue\r\n\r\n".encode())
+        async with asyncio.timeout(5):
+            interim = await reader.readuntil(b"\r\n\r\n")
+            assert interim.startswith(b"HTTP/1.1 100")
+            writer.write(body)
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200")
+    finally:
+        writer.close()
+    assert len(echo.requests) == 1
+    seen = echo.requests[0]
+    assert seen.path_qs == "/mcp"
+    assert seen.all("Expect") == []
+    assert seen.body == body
