@@ -106,6 +106,11 @@ class _Conn(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
+        # The wait for a response head is bounded by a deadline plus at most one lazily
+        # re-armed timer per connection, not a timer per request (asyncio.timeout schedules and
+        # cancels one each time, which showed in the profile).
+        self.head_deadline: float | None = None
+        self.head_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -136,6 +141,9 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         self.pool._forget(self)
         if self.busy and not self.complete:
             if self.headers_done and self.until_eof and exc is None:
@@ -204,6 +212,7 @@ class _Conn(asyncio.Protocol):
                     framed = True
                     break
             self.until_eof = not framed
+        self.head_deadline = None
         head = self.head
         if head is not None and not head.done():
             head.set_result(None)
@@ -244,9 +253,13 @@ class _Conn(asyncio.Protocol):
             head.exception()  # retrieved here too: the waiter may already be gone
         self._wake()
 
-    def start(self, method: str) -> None:
+    def start(self, method: str, head_timeout: float) -> None:
+        loop = self.pool.loop
         self.busy = True
-        self.head = self.pool.loop.create_future()
+        self.head = loop.create_future()
+        self.head_deadline = deadline = loop.time() + head_timeout
+        if self.head_timer is None:
+            self.head_timer = loop.call_at(deadline, self._head_check)
         self.head_only = method == "HEAD"
         self.got_bytes = self.interim = self.until_eof = self.headers_done = False
         self.complete = self.keep_alive = False
@@ -254,6 +267,20 @@ class _Conn(asyncio.Protocol):
         self.error = None
         self.chunks.clear()
         self.buffered = 0
+
+    def _head_check(self) -> None:
+        self.head_timer = None
+        deadline = self.head_deadline
+        if deadline is None:
+            return
+        loop = self.pool.loop
+        if loop.time() < deadline:
+            self.head_timer = loop.call_at(deadline, self._head_check)
+            return
+        self.head_deadline = None
+        head = self.head
+        if head is not None and not head.done():
+            head.set_exception(TimeoutError())
 
     async def drain(self) -> None:
         if self.closed:
@@ -322,12 +349,17 @@ class _Conn(asyncio.Protocol):
             writer.cancel()
         self.busy = False
         self.head = None
+        self.head_deadline = None
         if clean:
             self.pool._release(self)
         else:
             self.close()
 
     def close(self) -> None:
+        self.head_deadline = None
+        if self.head_timer is not None:
+            self.head_timer.cancel()
+            self.head_timer = None
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True
@@ -448,7 +480,7 @@ class UpstreamPool:
                 # between): a request written to it would get neither an answer nor an error. Its
                 # slot is already free (_forget): look again.
                 continue
-            conn.start(method)
+            conn.start(method, head_timeout)
             transport = conn.transport
             assert transport is not None and conn.head is not None
             if body is None:
@@ -461,8 +493,7 @@ class UpstreamPool:
                 transport.write(head)
                 conn.writer = asyncio.create_task(conn.write_body(body, body_length))
             try:
-                async with asyncio.timeout(head_timeout):
-                    await conn.head
+                await conn.head  # TimeoutError after head_timeout (see _Conn._head_check)
             except Disconnected:
                 reused, silent = conn.reused, not conn.got_bytes
                 conn.finish()
