@@ -1,7 +1,7 @@
 """``create_app(settings)``: both aiohttp applications and the resources they share.
 
 The proxy app (public listener) and the admin app (admin listener) share one
-:class:`Services`: store, caches, signer, metrics, the pooled upstream ``ClientSession``, the
+:class:`Services`: store, caches, signer, metrics, the upstream connection pool, the
 stream registry and background tasks. Each app's ``cleanup_ctx`` acquires it, so the first app
 started opens it and the last one cleaned up closes it, whatever the order.
 """

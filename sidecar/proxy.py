@@ -1,10 +1,12 @@
 """The proxy: header filtering, forwarding, streaming both ways, upstream error mapping.
 
 The request's path through here: ``ProxyHandler.__call__`` -> guards (target form, Upgrade,
-Origin, declared size) -> ``Authenticator.authenticate`` -> session binding -> ``upstream_headers``
-(strip credentials and spoofable identity, add ours and the signed assertion) -> one pooled
-``ClientSession`` request whose body is streamed from the client -> response head (bounded by
-``upstream_timeout_seconds``) -> response body streamed chunk by chunk, no total timeout.
+Origin, declared size) -> ``Authenticator.authenticate`` -> session binding ->
+``upstream_header_lines`` (strip credentials and spoofable identity, add ours and the signed
+assertion) -> ``request_head`` -> one request on a pooled upstream connection
+(``sidecar.upstream``), its body relayed in one piece when small and known, else streamed ->
+response head (bounded by ``upstream_timeout_seconds``) -> response body relayed in one piece
+when small and known, else streamed chunk by chunk with no total timeout.
 """
 
 from __future__ import annotations

@@ -955,3 +955,72 @@ async def test_the_sidecar_relays_sequential_requests_over_one_upstream_connecti
             assert response.status == 200
         assert len(upstream.connections) == 1
         assert len(upstream.completed) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# An https upstream (RFC 9110 4.3.3: the server's certificate must match the host it was asked for)
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=1))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+async def test_an_https_upstream_is_reached_over_verified_tls_and_its_connection_reused(tmp_path: Path) -> None:
+    import ssl
+
+    from aiohttp import web
+
+    cert_path, key_path = _self_signed(tmp_path)
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert_path, key_path)
+    peers: set[tuple[str, int]] = set()
+
+    async def handler(request: web.Request) -> web.Response:
+        assert request.transport is not None
+        peers.add(request.transport.get_extra_info("peername"))
+        return web.Response(text=f"{request.method} {request.host}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, LOOPBACK, 0, ssl_context=server_ctx)
+    await site.start()
+    port = runner.addresses[0][1]
+    trusting = ssl.create_default_context(cafile=str(cert_path))
+    pool = UpstreamPool(f"https://localhost:{port}", max_connections=2, pool_timeout=1.0, connect_timeout=2.0,
+                        ssl_context=trusting)
+    untrusting = UpstreamPool(f"https://localhost:{port}", max_connections=2, pool_timeout=1.0,
+                              connect_timeout=2.0)
+    try:
+        for _ in range(3):
+            assert await fetch(pool, "GET", "/x") == (200, f"GET localhost:{port}".encode())
+        assert len(peers) == 1  # one TLS connection, kept alive
+        # The default context verifies against the system's CAs: a self-signed server is refused.
+        with pytest.raises(Unreachable):
+            await fetch(untrusting, "GET", "/x")
+    finally:
+        await pool.close()
+        await untrusting.close()
+        await runner.cleanup()
