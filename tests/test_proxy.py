@@ -431,6 +431,12 @@ async def test_requests_near_the_listeners_own_paths_are_proxied_like_any_other(
     async with client_session() as http:
         for method, path in [("POST", "/healthz"), ("DELETE", "/.well-known/jwks.json"),
                              ("GET", "/.well-known/oauth-protected-resourceX"), ("GET", "/healthz/x")]:
+            # The app's own paths, escaped (sent byte for byte) or with a query, are still the app's.
+            for own, status in (("/%68ealthz", 200), ("/healthz?probe=1", 200),
+                                ("/.well-known/%6Fauth-protected-resource/mcp", 404)):
+                answer = await raw_request(sidecar.proxy_port, "GET", own, [("Host", "x")])
+                assert answer.status == status, own
+                assert answer.header("WWW-Authenticate") is None, own
             async with http.request(method, sidecar.proxy_url + path, headers=bearer(key)) as resp:
                 assert resp.status == 200, (method, path)
                 assert (await resp.json())["path_qs"] == path
