@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from importlib.metadata import entry_points
 from typing import Any
 
 from aiohttp import web
@@ -291,12 +292,25 @@ def create_ops_app(services: Services) -> web.Application:
 def create_app(settings: Settings, *, log: JsonLog | None = None,
                registry: CollectorRegistry | None = None) -> SidecarApps:
     """Both applications, sharing one :class:`Services`; used by the CLI and every test."""
-    # The admin package builds on sidecar; importing it here, at call time, keeps sidecar's
-    # modules free of admin imports while giving callers one entry point for both listeners.
-    from admin.app import install
-
     services = Services(settings, log=log, registry=registry)
     proxy = create_proxy_app(services)
     admin = create_ops_app(services)
-    install(admin, services)
+    for install in admin_installers():
+        install(admin, services)
     return SidecarApps(proxy=proxy, admin=admin, services=services)
+
+
+# The admin package builds on sidecar, never the other way round (DESIGN: ``sidecar`` never
+# imports ``admin``): it registers its routes through this entry-point group in pyproject.toml,
+# so the composition is declared by the distribution, not imported here.
+ADMIN_ENTRY_POINTS = "toolio_sidecar.admin"
+
+
+def admin_installers() -> list[Callable[[web.Application, Services], None]]:
+    """The admin API and page installers the installed distribution declares (at least one)."""
+    found = [entry.load() for entry in entry_points(group=ADMIN_ENTRY_POINTS)]
+    if not found:
+        # Without it the admin listener would serve no API or page: a broken install, not a mode.
+        raise RuntimeError(f"no {ADMIN_ENTRY_POINTS!r} entry point: install the toolio-sidecar distribution "
+                           "(pip install .) rather than running from a bare source tree")
+    return found
