@@ -248,8 +248,8 @@ def create_proxy_app(services: Services) -> web.Application:
         # The raw target, not request.path (a URL parse and percent-decoding per request): one
         # that is escaped or not in origin form goes through the router, which decodes it.
         path = request.raw_path.partition("?")[0]
-        if (path in app_paths or path.startswith(DISCOVERY_PREFIXES) or "%" in path or path[:1] != "/"
-                or "Expect" in request.headers):
+        if (path in app_paths or path.startswith(DISCOVERY_PREFIXES) or "%" in path or "#" in path
+                or path[:1] != "/" or request.method == "CONNECT" or "Expect" in request.headers):
             return None
         assert services.proxy is not None
         return services.proxy(request)  # type: ignore[arg-type]

@@ -29,7 +29,7 @@ from sidecar.store import (
     utcnow,
 )
 
-NAME_RULE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ChangeHook = Callable[[KeyRecord], None]
 
 
@@ -56,7 +56,7 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
 
 
 def validate_name(name: object, field: str = "name") -> str:
-    if not isinstance(name, str) or not NAME_RULE.match(name):
+    if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
         raise ApiError(422, "invalid_name", "name must be 1-64 characters of A-Z a-z 0-9 . _ -", field)
     return name
 
@@ -83,7 +83,7 @@ def parse_time(value: object, field: str, *, future: bool = True) -> datetime | 
         raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time string", field)
     text = value.strip()
     # RFC 3339 5.6 requires a time zone: "Z" or an offset.
-    if not re.match(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})$", text):
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text):
         raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time with a time zone", field)
     try:
         parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00")).astimezone(UTC)

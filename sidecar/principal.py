@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 
 from sidecar.settings import Settings
 from sidecar.store import KeyRecord
+
+# Control characters: these values become header fields upstream (RFC 9110 5.5 forbids CR, LF and
+# NUL in field values); config and key validation already exclude them, this is the last line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,6 +32,8 @@ class Principal:
     def from_record(cls, record: KeyRecord, settings: Settings) -> Principal:
         roles = tuple(sorted(record.roles))
         perms = tuple(sorted(settings.permissions_for(roles)))
+        if _CONTROL.search("".join((record.id, record.name, record.workspace, *roles, *perms))):
+            raise ValueError(f"key {record.id}: a control character in a value sent upstream")
         claims_prefix = json.dumps(
             {"iss": settings.signing.issuer, "aud": settings.signing.audience, "sub": record.id,
              "name": record.name, "ws": record.workspace, "roles": list(roles), "perms": list(perms)},

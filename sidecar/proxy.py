@@ -323,8 +323,14 @@ class ProxyHandler:
     def _guard(self, request: web.Request) -> None:
         # An absolute-form or asterisk-form target (RFC 9112 3.2.2/3.2.4) must never steer the
         # upstream: only origin-form paths are forwarded.
-        if not request.raw_path.startswith("/"):
+        # RFC 9112 3.2.1: origin-form has no fragment; a client never sends one, and the upstream
+        # must see exactly the target that was signed (htu).
+        if not request.raw_path.startswith("/") or "#" in request.raw_path:
             raise ProxyError(400, "invalid_request", "Only origin-form request targets are accepted")
+        # CONNECT asks for a tunnel (RFC 9110 9.3.6), which is not something an MCP server offers;
+        # a 2xx to it would turn the upstream connection into one.
+        if request.method == "CONNECT":
+            raise ProxyError(400, "invalid_request", "CONNECT is not supported")
         # RFC 9112 3.2: a request whose Host is not a valid "uri-host [':' port]" MUST get a 400
         # (aiohttp already refuses a missing or repeated Host). Ours is stricter than reg-name's
         # sub-delims: the value is passed on in X-Forwarded-Host, where "," or ";" would read as a
@@ -508,7 +514,10 @@ class ProxyHandler:
                 # Upstream reset mid-stream: a chunked/SSE response can still end cleanly; one with
                 # a Content-Length cannot, so the connection is closed instead of lying.
                 self._metrics.upstream_errors.labels("reset").inc()
-                if length is not None:
+                if length is not None or not streaming:
+                    # Only an event stream can end cleanly here (its events so far are whole); any
+                    # other body would read as complete if ended with a last chunk, so the client's
+                    # connection is closed instead (RFC 9112 8: an incomplete message).
                     if request.transport is not None:
                         request.transport.close()
                     return resp

@@ -22,9 +22,9 @@ SIGNING_KEYS_ENV = "TOOLIO_SIDECAR_SIGNING_KEYS"
 
 ALGORITHMS = ("ES256", "EdDSA", "HS256")
 LOG_LEVELS = ("debug", "info", "warning", "error")
-_ROLE_NAME = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
-_PERMISSION = re.compile(r"^[A-Za-z0-9._:*-]{1,128}$")
-_WORKSPACE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_ROLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_PERMISSION = re.compile(r"[A-Za-z0-9._:*-]{1,128}")
+_WORKSPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 T = TypeVar("T")
 
@@ -259,7 +259,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     """Validate an already-parsed TOML document (used by tests and the demo)."""
     top = _Section(data, "")
     workspace = top.string("workspace", "acme")
-    if not _WORKSPACE.match(workspace):
+    if not _WORKSPACE.fullmatch(workspace):
         raise SettingsError("workspace", "1-64 characters of A-Z a-z 0-9 . _ -")
     data_dir = Path(top.string("data_dir", "./data"))
     if not data_dir.is_absolute():
@@ -349,7 +349,7 @@ def _load_argon2(s: _Section) -> Argon2Settings:
 
 def _load_admin(s: _Section) -> AdminSettings:
     permission = s.string("required_permission", "org:settings")
-    if not _PERMISSION.match(permission):
+    if not _PERMISSION.fullmatch(permission):
         raise SettingsError("admin.required_permission", f"not a permission name: {permission!r}")
     idle = s.number("session_idle_timeout_seconds", 1800.0, minimum=1)
     absolute = s.number("session_absolute_timeout_seconds", 43_200.0, minimum=1)
@@ -405,7 +405,7 @@ def _load_roles(table: Mapping[str, Any]) -> Mapping[str, Role]:
     roles: dict[str, Role] = {}
     for name, body in table.items():
         key = f"roles.{name}"
-        if not _ROLE_NAME.match(name):
+        if not _ROLE_NAME.fullmatch(name):
             raise SettingsError(key, "role names are 1-64 characters of A-Z a-z 0-9 . _ -")
         if not isinstance(body, dict):
             raise SettingsError(key, "expected a table with description and permissions")
@@ -413,7 +413,7 @@ def _load_roles(table: Mapping[str, Any]) -> Mapping[str, Role]:
         description = section.string("description", "")
         permissions = section.strings("permissions")
         for index, perm in enumerate(permissions):
-            if not _PERMISSION.match(perm):
+            if not _PERMISSION.fullmatch(perm):
                 raise SettingsError(f"{key}.permissions[{index}]", f"not a permission name: {perm!r}")
         section.reject_unknown()
         roles[name] = Role(name, description, frozenset(permissions))

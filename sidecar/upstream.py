@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import ssl
 import time
 from collections.abc import AsyncIterator
@@ -124,6 +125,8 @@ class _Conn(asyncio.Protocol):
             self.close()
             return
         self.got_bytes = True
+        if not self.headers_done:
+            self.head_bytes += len(data)
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -135,8 +138,19 @@ class _Conn(asyncio.Protocol):
             self._fail(Disconnected(f"invalid response from upstream: {exc}") if not self.headers_done
                        else ResponseReset("invalid response body from upstream"))
             self.close()
+            return
+        if not self.headers_done and self.head_bytes > _MAX_HEAD_BYTES:
+            # llhttp accumulates a reason phrase or an unfinished field value without a limit of
+            # its own, before any callback could count it: the head is bounded by the bytes read.
+            self._fail(Disconnected("upstream response head too large"))
+            self.close()
 
     def eof_received(self) -> bool:
+        if not self.busy or self.complete:
+            # The upstream ended a connection whose answer is complete (or that is idle): mark it
+            # unusable now, so that a request handed this connection in the same loop iteration
+            # (before connection_lost runs) does not write into it and fail as a 502.
+            self.close()
         return False  # close the transport; connection_lost tells the exchange
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -177,15 +191,11 @@ class _Conn(asyncio.Protocol):
             raise ValueError("data after the end of the response")
         self.reason = b""
         self.raw_headers = []
-        self.head_bytes = 0
 
     def on_status(self, status: bytes) -> None:
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self.head_bytes += len(name) + len(value)
-        if self.head_bytes > _MAX_HEAD_BYTES:
-            raise ValueError("response head too large")
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -205,13 +215,17 @@ class _Conn(asyncio.Protocol):
                 self.complete = True
                 self.keep_alive = False
         else:
-            framed = False
+            # RFC 9112 6.3: Transfer-Encoding wins over Content-Length, and a response whose final
+            # coding is not chunked is read until the connection closes (item 4).
+            coding: bytes | None = None
+            length = False
             for name, value in self.raw_headers:
                 lower = name.lower()
-                if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
-                    framed = True
-                    break
-            self.until_eof = not framed
+                if lower == b"transfer-encoding":
+                    coding = value.rsplit(b",", 1)[-1].strip().lower()
+                elif lower == b"content-length":
+                    length = True
+            self.until_eof = coding != b"chunked" if coding is not None else not length
         self.head_deadline = None
         head = self.head
         if head is not None and not head.done():
@@ -264,6 +278,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = self.interim = self.until_eof = self.headers_done = False
         self.complete = self.keep_alive = False
         self.status = 0
+        self.head_bytes = 0
         self.error = None
         self.chunks.clear()
         self.buffered = 0
@@ -355,6 +370,10 @@ class _Conn(asyncio.Protocol):
         else:
             self.close()
 
+    def usable(self) -> bool:
+        """Open for a new request: not closed, not closing (the upstream's FIN already seen)."""
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     def close(self) -> None:
         self.head_deadline = None
         if self.head_timer is not None:
@@ -373,7 +392,7 @@ class UpstreamResponse:
     __slots__ = ("_conn", "content_length", "content_type", "headers", "reason", "status")
 
     def __init__(self, conn: _Conn) -> None:
-        self._conn = conn
+        self._conn: _Conn | None = conn
         self.status = conn.status
         self.reason = conn.reason.decode("latin-1")
         # utf-8 with surrogateescape, as aiohttp decodes fields: bytes round-trip unchanged.
@@ -398,31 +417,42 @@ class UpstreamResponse:
     async def read(self) -> bytes:
         """The whole body (for answers known to be small)."""
         conn = self._conn
+        if conn is None:
+            raise ResponseReset("response already closed")
         parts: list[bytes] = []
         while True:
             if conn.chunks:
                 parts.append(conn.take())
+            if conn.complete:
+                # Complete wins over a later error (e.g. the request body's writer failing after
+                # an early, complete answer): the answer the upstream gave is the answer.
+                return parts[0] if len(parts) == 1 else b"".join(parts)
             if conn.error is not None:
                 raise ResponseReset(str(conn.error))
-            if conn.complete:
-                return parts[0] if len(parts) == 1 else b"".join(parts)
             await conn.wait_data()
 
     async def iter_chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, whatever is buffered at each step in one piece."""
         conn = self._conn
+        if conn is None:
+            raise ResponseReset("response already closed")
         while True:
             if conn.chunks:
                 yield conn.take()
                 continue
-            if conn.error is not None:
-                raise ResponseReset(str(conn.error))
             if conn.complete:
                 return
+            if conn.error is not None:
+                raise ResponseReset(str(conn.error))
             await conn.wait_data()
 
     def close(self) -> None:
-        self._conn.finish()
+        """Hand the connection back (or close it); later calls do nothing, so a connection that
+        may already carry another exchange is never released twice."""
+        conn = self._conn
+        if conn is not None:
+            self._conn = None
+            conn.finish()
 
 
 class UpstreamPool:
@@ -475,10 +505,11 @@ class UpstreamPool:
         retry = method in IDEMPOTENT and not isinstance(body, AsyncIterator)
         while True:
             conn = await self._acquire()
-            if conn.closed:
-                # Handed over by _release, then lost before this task woke up (connection_lost ran in
-                # between): a request written to it would get neither an answer nor an error. Its
-                # slot is already free (_forget): look again.
+            if not conn.usable():
+                # Handed over by _release, then lost or half-closed before this task woke up: a
+                # request written to it would get neither an answer nor an error. Closing it frees
+                # its slot (_forget): look again.
+                conn.close()
                 continue
             conn.start(method, head_timeout)
             transport = conn.transport
@@ -511,48 +542,56 @@ class UpstreamPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.closed or now - conn.idle_since > IDLE_SECONDS:
+            if not conn.usable() or now - conn.idle_since > IDLE_SECONDS:
                 conn.close()
                 continue
             conn.reused = True
             return conn
-        if self._open >= self._max:
-            waiter: asyncio.Future[_Conn | None] = self.loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                async with asyncio.timeout(self._pool_timeout):
-                    handed = await waiter
-            except TimeoutError:
-                # The timeout can fire in the same loop iteration as a hand-over: the waiter then
-                # holds a connection (or a freed slot) that must go on, or the slot is lost for good.
-                self._pass_on(waiter)
-                raise PoolExhausted("no upstream connection free in time") from None
-            except asyncio.CancelledError:
-                self._pass_on(waiter)
-                raise
-            finally:
-                if not waiter.done():
-                    waiter.cancel()
-            if handed is not None:
-                handed.reused = True
-                return handed
-            # A slot was freed (a connection closed): fall through and open a new one.
+        if self._open < self._max:
+            self._open += 1
+            return await self._connect()
+        waiter: asyncio.Future[_Conn | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout(self._pool_timeout):
+                handed = await waiter
+        except TimeoutError:
+            self._give_up(waiter)
+            raise PoolExhausted("no upstream connection free in time") from None
+        except BaseException:
+            self._give_up(waiter)
+            raise
+        if handed is not None:
+            handed.reused = True
+            return handed
+        # A slot was handed over (a connection closed), still counted in _open: connect in it.
         return await self._connect()
 
-    def _pass_on(self, waiter: asyncio.Future[_Conn | None]) -> None:
-        """A waiter gives up (timed out, cancelled): what it was handed goes to the next one."""
-        if waiter.done() and not waiter.cancelled():
-            given = waiter.result()
-            if given is None:
-                self._wake_waiter()
-            elif not given.closed:
-                self._release(given)
+    def _give_up(self, waiter: asyncio.Future[_Conn | None]) -> None:
+        """A waiter stops waiting (timed out, cancelled). The timeout can fire in the same loop
+        iteration as a hand-over: what it was handed goes on, or a slot would be lost for good."""
+        if not waiter.done():
+            waiter.cancel()
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)  # no pile of dead waiters while the pool stays full
+            return
+        if waiter.cancelled() or waiter.exception() is not None:
+            return
+        given = waiter.result()
+        if given is None:
+            self._free_slot()
+        elif given.usable():
+            self._release(given)
+        else:
+            given.close()
 
     async def _connect(self) -> _Conn:
-        if self._closed:
-            raise Unreachable("upstream pool closed")
-        self._open += 1
+        """A new connection in a slot already counted in ``_open`` (the caller's)."""
         conn = _Conn(self)
+        if self._closed:
+            conn.closed = True
+            self._forget(conn)
+            raise Unreachable("upstream pool closed")
         try:
             async with asyncio.timeout(self._connect_timeout):
                 await self.loop.create_connection(
@@ -583,19 +622,19 @@ class UpstreamPool:
     def _forget(self, conn: _Conn) -> None:
         if conn.counted:
             conn.counted = False
-            self._open -= 1
-            try:
+            with contextlib.suppress(ValueError):
                 self._idle.remove(conn)
-            except ValueError:
-                pass
-            self._wake_waiter()
+            self._free_slot()
 
-    def _wake_waiter(self) -> None:
+    def _free_slot(self) -> None:
+        """A slot is free: it goes to the first waiter, still counted (so that no new request can
+        take it in between and open one connection too many), or else it is uncounted."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
                 return
+        self._open -= 1
 
     def expire_idle(self) -> None:
         """Close pooled connections idle for longer than ``IDLE_SECONDS`` (oldest first)."""
@@ -608,7 +647,9 @@ class UpstreamPool:
         self._closed = True
         while self._idle:
             self._idle.pop().close()
-        for waiter in self._waiters:
+        waiters, self._waiters = self._waiters, collections.deque()
+        for waiter in waiters:
             if not waiter.done():
-                waiter.cancel()
-        self._waiters.clear()
+                # An error, not a cancelled future: a CancelledError here would read, in the
+                # waiting task, as if the task itself had been cancelled.
+                waiter.set_exception(Unreachable("upstream pool closed"))
