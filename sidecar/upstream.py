@@ -94,6 +94,7 @@ class _Conn(asyncio.Protocol):
         self.reason = b""
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.head_bytes = 0
+        self.field_bytes = 0
         self.interim = False
         self.until_eof = False
         self.headers_done = False
@@ -196,6 +197,10 @@ class _Conn(asyncio.Protocol):
         self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        # A complete head that came in one read is bounded here (data_received bounds the rest).
+        self.field_bytes += len(name) + len(value)
+        if self.field_bytes > _MAX_HEAD_BYTES:
+            raise ValueError("response head too large")
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -278,7 +283,7 @@ class _Conn(asyncio.Protocol):
         self.got_bytes = self.interim = self.until_eof = self.headers_done = False
         self.complete = self.keep_alive = False
         self.status = 0
-        self.head_bytes = 0
+        self.head_bytes = self.field_bytes = 0
         self.error = None
         self.chunks.clear()
         self.buffered = 0
@@ -572,10 +577,13 @@ class UpstreamPool:
         iteration as a hand-over: what it was handed goes on, or a slot would be lost for good."""
         if not waiter.done():
             waiter.cancel()
+        if waiter.cancelled():
+            # (asyncio.timeout and task cancellation cancel it first.) Out of the queue at once: no
+            # pile of dead waiters while the pool stays full.
             with contextlib.suppress(ValueError):
-                self._waiters.remove(waiter)  # no pile of dead waiters while the pool stays full
+                self._waiters.remove(waiter)
             return
-        if waiter.cancelled() or waiter.exception() is not None:
+        if waiter.exception() is not None:
             return
         given = waiter.result()
         if given is None:

@@ -162,6 +162,21 @@ async def test_invalid_create_names_the_bad_field(tmp_path: Path, body: dict[str
     assert len(listed["keys"]) == 1
 
 
+async def test_a_key_name_with_a_trailing_newline_is_refused_on_create_and_on_rotate(tmp_path: Path) -> None:
+    # A ^...$ rule lets "agent\n" through ("$" matches before a final newline in Python's re); the
+    # name is sent upstream in X-Toolio-Key-Name, where a line break is never allowed (RFC 9110 5.5).
+    async with running_sidecar(tmp_path) as sc:
+        status, answer, _ = await sc.call("POST", "/keys", json_body={"name": "agent\n", "roles": ["viewer"]})
+        assert status == 422, answer
+        assert (answer["error"], answer["field"]) == ("invalid_name", "name")
+        old = await sc.create_key("agent", ["viewer"])
+        status, answer, _ = await sc.call("POST", f"/keys/{old['id']}/rotate", json_body={"name": "agent-2\n"})
+        assert status == 422, answer
+        assert (answer["error"], answer["field"]) == ("invalid_name", "name")
+        _, listed, _ = await sc.call("GET", "/keys")
+    assert [k["name"] for k in listed["keys"]] == ["ops", "agent"]
+
+
 async def test_unknown_role_error_lists_the_valid_roles(tmp_path: Path) -> None:
     async with running_sidecar(tmp_path) as sc:
         _, body, _ = await sc.call("POST", "/keys", json_body={"name": "a", "roles": ["root"]})

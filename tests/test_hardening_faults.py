@@ -137,6 +137,32 @@ async def test_upstream_that_breaks_before_its_response_head_gets_502(
     await assert_still_healthy(sidecar, upstream, key)
 
 
+@pytest.mark.parametrize("start", [
+    pytest.param(b"HTTP/1.1 200 ", id="reason-phrase"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-Big: ", id="field-value"),
+])
+async def test_upstream_whose_response_head_never_ends_gets_502_not_a_wait_for_the_timeout(
+        start: bytes, sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
+    record, key = credentials
+
+    async def behaviour(conn: UpstreamConnection) -> None:
+        # A megabyte of one reason phrase or field value: the sidecar gives up at its head bound
+        # (64 KB), not at the upstream timeout (that would be a 504) and not out of memory.
+        await read_request(conn.reader)
+        conn.write(start)
+        for _ in range(256):
+            if conn.transport.is_closing():
+                break
+            conn.write(b"A" * 4096)
+            await asyncio.sleep(0)
+        while await conn.reader.read(65536):
+            pass
+
+    upstream.behaviour = behaviour
+    assert_clean_error(await get(sidecar, key), 502, record, key)
+    await assert_still_healthy(sidecar, upstream, key)
+
+
 async def test_upstream_reset_mid_stream_ends_the_clients_sse_stream_cleanly(
         sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
     _, key = credentials
@@ -151,6 +177,39 @@ async def test_upstream_reset_mid_stream_ends_the_clients_sse_stream_cleanly(
     assert response.complete, raw[-200:]
     assert response.body == b"".join(EVENTS)
     assert raw.endswith(b"0\r\n\r\n")
+    await assert_still_healthy(sidecar, upstream, key)
+
+
+@pytest.mark.parametrize("cut", ["reset", "close"])
+async def test_upstream_cut_inside_a_chunked_non_sse_body_closes_the_client_connection_without_a_last_chunk(
+        cut: str, sidecar: Sidecar, upstream: RecordingUpstream, credentials: tuple[KeyRecord, str]) -> None:
+    _, key = credentials
+
+    async def behaviour(conn: UpstreamConnection) -> None:
+        await read_request(conn.reader)
+        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\n{\"a\":\r\n")
+        await asyncio.sleep(0.1)
+        if cut == "reset":
+            conn.reset()
+        else:
+            conn.close()
+
+    upstream.behaviour = behaviour
+    # A keep-alive request: closing the connection is the sidecar's own decision.
+    request = http_request("GET", "/mcp", [("Authorization", f"Bearer {key}")], close=False)
+    started = time.monotonic()
+    raw = await exchange(sidecar.port, request, wait=3)
+    assert time.monotonic() - started < 2  # closed, not left open after the partial body
+    [response] = parse_responses(raw)
+    assert response.status == 200
+    assert response.fields["transfer-encoding"] == ["chunked"]
+    # Unlike an event stream (whose events so far are whole), a cut JSON body ended with the
+    # last-chunk would read as a complete, truncated answer: the client must see an incomplete
+    # message instead (RFC 9112 8).
+    assert response.body == b'{"a":'
+    assert not response.complete, raw[-100:]
+    assert not raw.endswith(b"0\r\n\r\n")
     await assert_still_healthy(sidecar, upstream, key)
 
 

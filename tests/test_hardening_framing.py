@@ -242,6 +242,45 @@ async def test_absolute_form_and_odd_targets_never_change_the_upstream(
         assert upstream.received == b""
 
 
+@pytest.mark.parametrize("target", ["/" + MARK, "example.com:443"], ids=["origin-form", "authority-form"])
+@pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
+async def test_connect_is_refused_and_never_reaches_the_upstream(
+        target: str, with_key: bool, sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    # CONNECT asks for a tunnel (RFC 9110 9.3.6), which an MCP server does not offer; forwarded,
+    # a 2xx would turn the upstream connection into one. No route takes a CONNECT target, so the
+    # router answers 404 (the proxy's own guard, behind it, would answer 400).
+    headers = [("Authorization", f"Bearer {key}")] if with_key else []
+    raw = await exchange(sidecar.port, http_request("CONNECT", target, headers))
+    [response] = parse_responses(raw)
+    assert response.status == 404, raw[:200]
+    assert upstream.received == b""
+
+
+@pytest.mark.parametrize("target", ["/mcp#x", "/mcp?q=1#x", "/mcp#"])
+async def test_a_target_with_a_fragment_is_refused_with_400_and_never_forwarded(
+        target: str, sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    # RFC 9112 3.2.1: origin-form has no fragment (RFC 9110 7.1: a client removes it). Forwarded,
+    # the upstream would see a target other than the one the assertion was signed for.
+    raw = await exchange(sidecar.port, http_request("GET", target, [("Authorization", f"Bearer {key}")]))
+    [response] = parse_responses(raw)
+    assert response.status == 400
+    assert response.json()["error"] == "invalid_request"
+    assert upstream.received == b""
+
+
+@pytest.mark.parametrize("with_key", [True, False], ids=["with-key", "without-key"])
+async def test_a_fragment_on_the_sidecars_own_path_is_answered_by_that_path(
+        with_key: bool, sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    # The router drops the fragment, so /healthz#x is /healthz: answered by the sidecar itself,
+    # like /healthz, never proxied (and never a 401 for want of a key).
+    headers = [("Authorization", f"Bearer {key}")] if with_key else []
+    plain = parse_responses(await exchange(sidecar.port, http_request("GET", "/healthz", headers)))
+    with_fragment = parse_responses(await exchange(sidecar.port, http_request("GET", "/healthz#x", headers)))
+    assert [(r.status, r.json()) for r in with_fragment] == [(r.status, r.json()) for r in plain]
+    assert [r.status for r in with_fragment] == [200]
+    assert upstream.received == b""
+
+
 async def test_sidecar_stays_healthy_after_a_volley_of_malformed_requests(
         sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
     for template in MALFORMED.values():

@@ -4,9 +4,12 @@ each identity and X-Forwarded-* header (SPEC 3; RFC 9110 7.6.1; MCP: no token pa
 
 from __future__ import annotations
 
+import dataclasses
 import string
 from datetime import UTC, datetime
+from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,11 +20,9 @@ from sidecar.store import ENABLED, KeyRecord
 
 SETTINGS = settings_from_mapping({"roles": {"viewer": {"permissions": ["plans:read"]},
                                             "writer": {"permissions": ["plans:write", "plans:read"]}}}, {})
-PRINCIPAL = Principal.from_record(
-    KeyRecord(id="key_0123456789abcdef", lookup_id="LOOKUP00", name="agent", roles=("writer", "viewer"),
-              workspace="acme", status=ENABLED, created_at=datetime.now(UTC), created_by="test", key_hash="h"),
-    SETTINGS,
-)
+RECORD = KeyRecord(id="key_0123456789abcdef", lookup_id="LOOKUP00", name="agent", roles=("writer", "viewer"),
+                   workspace="acme", status=ENABLED, created_at=datetime.now(UTC), created_by="test", key_hash="h")
+PRINCIPAL = Principal.from_record(RECORD, SETTINGS)
 ASSERTION = "header.claims.signature"
 EXPECTED_IDENTITY = {
     "x-toolio-key-id": "key_0123456789abcdef",
@@ -137,3 +138,21 @@ def test_connection_named_fields_and_disguised_identity_are_dropped_in_a_known_c
         ("X-Toolio-Permissions", "plans:read,plans:write"),
         ("X-Toolio-Assertion", ASSERTION),
     ]
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param({"name": "agent\n"}, id="name-trailing-newline"),
+    pytest.param({"name": "agent\r\nX-Toolio-Roles: org-admin"}, id="name-with-a-field-line"),
+    pytest.param({"name": "agent\x00"}, id="name-with-nul"),
+    pytest.param({"name": "agent\x7f"}, id="name-with-del"),
+    pytest.param({"workspace": "acme\n"}, id="workspace"),
+    pytest.param({"roles": ("viewer\n",)}, id="role"),
+    pytest.param({"id": "key_0123456789abcde\t"}, id="key-id"),
+])
+def test_a_record_with_a_control_character_in_a_value_sent_upstream_is_refused(change: dict[str, Any]) -> None:
+    # These values become header field values upstream, where CR, LF and NUL are never allowed
+    # (RFC 9110 5.5): whatever got into the store (an older version's looser name rule, a
+    # hand-edited row), no principal is made from it.
+    record = dataclasses.replace(RECORD, **change)
+    with pytest.raises(ValueError, match="control character"):
+        Principal.from_record(record, SETTINGS)

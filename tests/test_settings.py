@@ -119,6 +119,21 @@ def test_bad_value_is_named(data: dict[str, Any], key: str) -> None:
     assert _error_key(data) == key
 
 
+@pytest.mark.parametrize(("data", "key"), [
+    pytest.param({"workspace": "acme\n"}, "workspace", id="workspace"),
+    pytest.param({"roles": {"viewer\n": {"permissions": ["plans:read"]}}}, "roles.viewer\n", id="role-name"),
+    pytest.param({"roles": {"viewer": {"permissions": ["plans:read\n"]}}}, "roles.viewer.permissions[0]",
+                 id="permission"),
+    pytest.param({"admin": {"required_permission": "org:settings\n"}}, "admin.required_permission",
+                 id="required-permission"),
+])
+def test_a_name_with_a_trailing_newline_is_refused(data: dict[str, Any], key: str) -> None:
+    # In Python's re, "$" also matches before a final "\n": a ^...$ rule let "acme\n" through. These
+    # names are sent upstream as header field values, where a line break is never allowed
+    # (RFC 9110 5.5).
+    assert _error_key(data) == key
+
+
 @pytest.mark.parametrize("algorithm", ["RS256", "none", "es256", "HS512", ""])
 def test_unsupported_signing_algorithm_is_refused(algorithm: str) -> None:
     with pytest.raises(SettingsError) as caught:

@@ -23,6 +23,8 @@ from hardening_support import (
     UpstreamConnection,
     exchange,
     hardening_settings,
+    http_request,
+    ok_response,
     parse_fields,
     parse_responses,
     read_request,
@@ -320,6 +322,28 @@ async def test_a_pooled_connection_the_upstream_closed_while_idle_is_not_used_ag
     assert server.accepted == 2
 
 
+async def one_answer_then_fin(peer: Peer) -> None:
+    """A complete keep-alive answer (no ``Connection: close``), then the end of the connection:
+    a server at its per-connection request limit. The FIN follows the answer in the same write."""
+    await peer.read_request()
+    await asyncio.sleep(0.01)
+    peer.write(reply(b"ok"))
+    # Returning closes the connection.
+
+
+async def test_a_connection_the_upstream_ends_right_after_a_complete_answer_is_not_handed_to_a_waiting_post(
+        serve: Serve, pools: MakePool) -> None:
+    # With one slot, each POST waits for the previous one's connection. Handed over in the loop
+    # iteration after the FIN was read but before connection_lost ran, a POST would be written into
+    # a closing connection; not being replayable (RFC 9112 9.3.1), it would fail as Disconnected.
+    server = await serve(one_answer_then_fin)
+    pool = pools(server.url, max_connections=1, pool_timeout=2.0)
+    results = await asyncio.gather(*(fetch(pool, "POST", f"/{n}", body=b"{}") for n in range(4)))
+    assert results == [(200, b"ok")] * 4
+    assert server.accepted == 4
+    assert sorted(target for _, target in server.targets()) == ["/0", "/1", "/2", "/3"]
+
+
 async def test_bytes_the_upstream_sends_on_an_idle_connection_close_it(serve: Serve, pools: MakePool) -> None:
     async def answer_then_chatter(peer: Peer) -> None:
         await peer.read_request()
@@ -477,6 +501,43 @@ async def test_a_chunked_response_body_is_decoded_and_its_connection_reused(serv
     assert response.content_length is None
     assert [chunk async for chunk in response.iter_chunks()] == [b"hello", b" world"]
     response.close()
+    assert server.accepted == 1
+
+
+async def test_a_response_whose_final_coding_is_not_chunked_is_read_until_the_upstream_closes(
+        serve: Serve, pools: MakePool) -> None:
+    # RFC 9112 6.3 item 4: with Transfer-Encoding present and chunked not the final coding, a
+    # response's body ends when the connection closes. What looks like a chunked body is just its
+    # (gzip-coded) bytes, last-chunk lookalike included; the sidecar does not decode codings.
+    async def chunked_then_gzip(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n5\r\nhello\r\n")
+        await asyncio.sleep(0.05)
+        peer.write(b"0\r\n\r\nmore")
+        await asyncio.sleep(0.05)
+        # Returning closes the connection: the end of the body.
+
+    server = await serve(chunked_then_gzip)
+    pool = pools(server.url)
+    response = await send(pool)
+    assert await response.read() == b"5\r\nhello\r\n0\r\n\r\nmore"
+    response.close()
+    assert (pool.open_connections, pool.idle_connections) == (0, 0)
+
+
+async def test_a_response_whose_final_coding_is_chunked_is_read_as_chunked_and_its_connection_reused(
+        serve: Serve, pools: MakePool) -> None:
+    # RFC 9112 6.3 item 4: chunked as the final coding frames the body, whatever codings precede it.
+    async def gzip_then_chunked(peer: Peer) -> None:
+        while True:
+            await peer.read_request()
+            peer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n")
+
+    server = await serve(gzip_then_chunked)
+    pool = pools(server.url)
+    for _ in range(2):
+        assert await fetch(pool) == (200, b"hello")
+        assert (pool.open_connections, pool.idle_connections) == (1, 1)
     assert server.accepted == 1
 
 
@@ -694,7 +755,9 @@ async def test_a_connection_that_closes_while_handed_to_a_waiter_is_not_used(
     # read callback; this poll, re-queued each iteration, runs ahead of it): the waiter is handed
     # a connection that is closed by the time it wakes up.
     loop = asyncio.get_running_loop()
-    transport = first._conn.transport
+    conn = first._conn
+    assert conn is not None
+    transport = conn.transport
     assert transport is not None
     released = loop.create_future()
 
@@ -713,6 +776,117 @@ async def test_a_connection_that_closes_while_handed_to_a_waiter_is_not_used(
     assert await waiting == (200, b"/second")
     assert time.monotonic() - started < 0.5
     assert server.accepted == 2
+
+
+async def test_a_slot_freed_while_a_request_waits_is_not_also_taken_by_a_newcomer(
+        serve: Serve, pools: MakePool) -> None:
+    async def closing_first(peer: Peer) -> None:
+        while True:
+            request = await peer.read_request()
+            if request.target == "/closing":
+                # RFC 9112 9.6: the pool closes this connection once the answer is read. The server
+                # keeps its end open, so that the slot is freed exactly when the test says.
+                peer.write(reply(b"bye", headers=(("Connection", "close"),)))
+                await peer.until_client_closes()
+                return
+            peer.write(reply(request.target.encode()))
+
+    server = await serve(closing_first)
+    pool = pools(server.url, max_connections=1, pool_timeout=1.0)
+    loop = asyncio.get_running_loop()
+    peak = 0
+    sampling = True
+
+    def sample() -> None:
+        # Once per loop iteration: the count a request would see when it looks for a slot.
+        nonlocal peak
+        peak = max(peak, pool.open_connections)
+        if sampling:
+            loop.call_soon(sample)
+
+    loop.call_soon(sample)
+    first = await send(pool, target="/closing")
+    assert await first.read() == b"bye"
+    waiting = asyncio.create_task(fetch(pool, target="/waiting"))
+    await asyncio.sleep(0)  # it is queued for the only slot
+    assert not waiting.done()
+    # A new request whose first step is queued ahead of the waiter's wake-up, and the slot freed
+    # in the same iteration: the freed slot belongs to the waiter, the newcomer must queue too.
+    newcomer = asyncio.create_task(fetch(pool, target="/newcomer"))
+    first.close()
+    assert await waiting == (200, b"/waiting")
+    assert await newcomer == (200, b"/newcomer")
+    sampling = False
+    assert peak == 1
+    assert pool.open_connections == 1
+    # The closed connection, then one for the waiter, which the newcomer reuses after it.
+    assert server.accepted == 2
+    assert server.targets() == [(0, "/closing"), (1, "/waiting"), (1, "/newcomer")]
+
+
+async def test_closing_a_response_twice_hands_its_connection_back_once(serve: Serve, pools: MakePool) -> None:
+    server = await serve(answer_each())
+    pool = pools(server.url)
+    response = await send(pool, target="/once")
+    assert await response.read() == b"/once"
+    response.close()
+    response.close()  # e.g. a finally after an explicit close: harmless
+    assert (pool.open_connections, pool.idle_connections) == (1, 1)
+    with pytest.raises(ResponseReset):
+        await response.read()  # the connection may already carry another exchange
+    # Pooled twice, one connection would be taken by two requests at once and their answers mixed.
+    assert list(await asyncio.gather(fetch(pool, target="/a"), fetch(pool, target="/b"))) == [
+        (200, b"/a"), (200, b"/b")]
+    assert server.accepted == 2
+    assert (pool.open_connections, pool.idle_connections) == (2, 2)
+
+
+async def test_closing_the_pool_fails_a_request_waiting_for_a_connection_with_unreachable(
+        serve: Serve, pools: MakePool) -> None:
+    server = await serve(silent)
+    pool = pools(server.url, max_connections=1, pool_timeout=5.0)
+    holder = asyncio.create_task(send(pool, target="/hold", head_timeout=5.0))
+    assert await wait_for_condition(lambda: server.targets() == [(0, "/hold")], 1.0)
+    waiting = asyncio.create_task(send(pool, target="/waiting"))
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    await pool.close()
+    done, _ = await asyncio.wait({waiting}, timeout=1.0)
+    assert waiting in done
+    # An error, not a cancellation: a CancelledError would read, in the waiting task, as if that
+    # task had been cancelled, and escape the proxy's UpstreamError handling (no 502).
+    assert not waiting.cancelled()
+    assert isinstance(waiting.exception(), Unreachable)
+    holder.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await holder
+
+
+@pytest.mark.parametrize("give_up", ["time-out", "cancel"])
+async def test_requests_that_stop_waiting_for_a_connection_leave_the_queue(
+        serve: Serve, pools: MakePool, give_up: str) -> None:
+    release = asyncio.Event()
+    server = await serve(answer_when(release))
+    pool = pools(server.url, max_connections=1, pool_timeout=0.05 if give_up == "time-out" else 5.0)
+    slow = asyncio.create_task(fetch(pool, target="/slow"))
+    assert await wait_for_condition(lambda: server.targets() == [(0, "/slow")], 1.0)
+    waiting = [asyncio.create_task(fetch(pool, target="/refused")) for _ in range(5)]
+    await asyncio.sleep(0)
+    assert len(pool._waiters) == 5
+    if give_up == "cancel":
+        for task in waiting:
+            task.cancel()
+    outcomes = await asyncio.gather(*waiting, return_exceptions=True)
+    expected = PoolExhausted if give_up == "time-out" else asyncio.CancelledError
+    assert all(isinstance(outcome, expected) for outcome in outcomes), outcomes
+    # Counted while the pool is still full, so that nothing else has taken them out: left behind,
+    # dead waiters would pile up for as long as an overload lasts.
+    left_behind = len(pool._waiters)
+    release.set()
+    assert await slow == (200, b"/slow")
+    assert await fetch(pool, target="/after") == (200, b"/after")
+    assert server.targets() == [(0, "/slow"), (0, "/after")]
+    assert left_behind == 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -769,6 +943,69 @@ async def test_an_invalid_response_head_raises_disconnected_and_closes_the_conne
         await send(pool)
     assert pool.open_connections == 0
     await asyncio.wait_for(server.peers[0].client_closed.wait(), 1.0)
+
+
+@pytest.mark.parametrize("start", [
+    pytest.param(b"HTTP/1.1 200 ", id="reason-phrase"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-Big: ", id="field-value"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nX-", id="field-name"),
+])
+async def test_a_response_head_that_never_ends_raises_disconnected_once_past_the_bound(
+        serve: Serve, pools: MakePool, start: bytes) -> None:
+    # llhttp keeps a reason phrase or a field that has not ended yet without a limit of its own,
+    # and no callback sees it before it ends: only the bytes read can bound the head (64 KB, like
+    # the request head bound). A megabyte is dripped in small writes, far past it.
+    async def endless_head(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(start)
+        with contextlib.suppress(ConnectionError):
+            for _ in range(256):
+                peer.write(b"A" * 4096)
+                await peer.writer.drain()
+        await peer.until_client_closes()
+
+    server = await serve(endless_head)
+    pool = pools(server.url)
+    started = time.monotonic()
+    with pytest.raises(Disconnected):
+        await send(pool, head_timeout=3.0)
+    assert time.monotonic() - started < 1.0  # at the bound, not at the head timeout
+    assert pool.open_connections == 0
+    await asyncio.wait_for(server.peers[0].client_closed.wait(), 1.0)
+
+
+async def test_a_complete_response_head_over_the_bound_is_refused_even_when_it_arrives_in_one_read(
+        serve: Serve, pools: MakePool) -> None:
+    # The same bound as for a head that never ends: whether the upstream's bytes arrive in one read
+    # or several is up to TCP, and must not decide whether a 70 KB field reaches the client.
+    async def large_head(peer: Peer) -> None:
+        await peer.read_request()
+        peer.write(b"HTTP/1.1 200 OK\r\nX-Big: " + b"A" * 70_000 + b"\r\nContent-Length: 2\r\n\r\nok")
+        await peer.until_client_closes()
+
+    server = await serve(large_head)
+    pool = pools(server.url)
+    with pytest.raises(Disconnected):
+        await fetch(pool)
+    assert pool.open_connections == 0
+
+
+async def test_a_head_and_a_large_body_arriving_in_one_read_are_not_taken_for_a_large_head(
+        serve: Serve, pools: MakePool) -> None:
+    # The head bound counts bytes read before the head is complete; a body that came in the same
+    # read as a small head is not part of it.
+    body = bytes(range(256)) * 800  # 200 KB
+
+    async def one_write(peer: Peer) -> None:
+        while True:
+            await peer.read_request()
+            peer.write(reply(body))
+
+    server = await serve(one_write)
+    pool = pools(server.url)
+    for _ in range(2):
+        assert await fetch(pool) == (200, body)
+    assert server.accepted == 1
 
 
 # ---------------------------------------------------------------------------------------------
@@ -828,6 +1065,7 @@ async def test_a_large_body_nobody_reads_is_not_buffered_without_bound(serve: Se
     pool = pools(server.url)
     response = await send(pool)
     conn = response._conn
+    assert conn is not None
     # Nobody reads: the pool stops reading the socket once its buffer is past the high-water mark.
     assert await wait_for_condition(lambda: conn.reading_paused, 1.0)
     await asyncio.sleep(0.1)
@@ -955,6 +1193,27 @@ async def test_the_sidecar_relays_sequential_requests_over_one_upstream_connecti
             assert response.status == 200
         assert len(upstream.connections) == 1
         assert len(upstream.completed) == 3
+
+
+async def test_the_sidecar_answers_concurrent_posts_when_the_upstream_ends_each_connection_after_one_answer(
+        tmp_path: Path) -> None:
+    # End to end, the race of test_a_connection_the_upstream_ends_right_after_a_complete_answer_...:
+    # a POST handed a connection whose FIN was already read would be a 502, not retried
+    # (RFC 9112 9.3.1).
+    async def answer_once_then_fin(conn: UpstreamConnection) -> None:
+        conn.completed.append(await read_request(conn.reader))
+        await asyncio.sleep(0.01)
+        conn.write(ok_response())
+        # Returning closes the connection, right after a complete keep-alive answer.
+
+    async with recording_upstream(answer_once_then_fin) as upstream, \
+            running_sidecar(hardening_settings(tmp_path, upstream.url,
+                                               proxy={"upstream_max_connections": 1})) as running:
+        _, key = await running.create_key("fin-agent")
+        request = http_request("POST", "/mcp", [("Authorization", f"Bearer {key}")], b"{}")
+        raws = await asyncio.gather(*(exchange(running.port, request) for _ in range(4)))
+        assert [[r.status for r in parse_responses(raw)] for raw in raws] == [[200]] * 4
+        assert len(upstream.completed) == 4
 
 
 # ---------------------------------------------------------------------------------------------
