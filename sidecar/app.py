@@ -92,6 +92,7 @@ class Services:
         self.pool = UpstreamPool(proxy.upstream, max_connections=proxy.upstream_max_connections,
                                  pool_timeout=proxy.upstream_pool_timeout_seconds,
                                  connect_timeout=proxy.upstream_timeout_seconds)
+        self.metrics.watch_pool(self.pool)
         self.authenticator = Authenticator(settings, self.store, self.cache, self.hasher, self.metrics,
                                            self.audit, self.last_used, self._client_address)
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from importlib import metadata
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from sidecar.upstream import UpstreamPool
 
 PREFIX = "toolio_sidecar_"
 METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
@@ -60,6 +64,13 @@ class Metrics:
         self.open_streams = Gauge(
             PREFIX + "open_streams", "Responses currently streaming to clients.", registry=registry)
         self.keys = Gauge(PREFIX + "keys", "Keys in the store by status.", ("status",), registry=registry)
+        # Read at scrape time from the pool (see watch_pool): nothing on the request path.
+        self.upstream_connections = Gauge(
+            PREFIX + "upstream_connections", "Upstream connections by state (busy: carrying a request).",
+            ("state",), registry=registry)
+        self.upstream_pool_waiting = Gauge(
+            PREFIX + "upstream_pool_waiting", "Requests waiting for a free upstream connection.",
+            registry=registry)
         self.audit_write_failures = Counter(
             PREFIX + "audit_write_failures", "Audit events that could not be written to the store.",
             registry=registry)
@@ -77,6 +88,12 @@ class Metrics:
             self.upstream_errors.labels(kind)
         for status in ("enabled", "disabled"):
             self.keys.labels(status)
+
+    def watch_pool(self, pool: UpstreamPool) -> None:
+        self.upstream_connections.labels("busy").set_function(
+            lambda: pool.open_connections - pool.idle_connections)
+        self.upstream_connections.labels("idle").set_function(lambda: pool.idle_connections)
+        self.upstream_pool_waiting.set_function(lambda: pool.waiting)
 
     def count_request(self, status: int, method: str) -> None:
         cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]

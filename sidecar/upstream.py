@@ -501,6 +501,11 @@ class UpstreamPool:
     def idle_connections(self) -> int:
         return len(self._idle)
 
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a connection (open ones include slots handed to a waiter)."""
+        return sum(1 for waiter in self._waiters if not waiter.done())
+
     async def request(self, method: str, head: bytes, body: bytes | AsyncIterator[bytes] | None,
                       body_length: int | None, head_timeout: float) -> UpstreamResponse:
         """Send ``head`` (request line and fields, framing included, ending in a blank line) and

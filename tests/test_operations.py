@@ -23,7 +23,7 @@ from sidecar.app import SidecarApps, create_app
 from sidecar.server import runner_for
 from sidecar.settings import Settings, settings_from_mapping
 
-ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le"}
+ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le", "state"}
 
 
 def _free_port() -> int:
@@ -136,6 +136,11 @@ async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(tm
     assert value("toolio_sidecar_upstream_response_head_seconds_count") == 3
     assert value("toolio_sidecar_keys", status="enabled") == 1
     assert value("toolio_sidecar_open_streams") == 0
+    # Three sequential requests, one kept-alive upstream connection, idle again at scrape time.
+    assert value("toolio_sidecar_upstream_connections", state="idle") == 1
+    assert value("toolio_sidecar_upstream_connections", state="busy") == 0
+    assert ("toolio_sidecar_upstream_pool_waiting", frozenset()) in samples
+    assert value("toolio_sidecar_upstream_pool_waiting") == 0
     assert ("toolio_sidecar_audit_write_failures_total", frozenset()) in samples
     assert any(name == "toolio_sidecar_build_info" for name, _ in samples)
 

@@ -690,10 +690,13 @@ async def test_a_request_over_the_bound_waits_for_the_connection_in_use(serve: S
     await asyncio.sleep(0.1)
     assert not queued.done()
     assert server.accepted == 1  # it waits: no second connection past the bound
+    # What the pool gauges report (toolio_sidecar_upstream_connections / _pool_waiting).
+    assert (pool.open_connections, pool.idle_connections, pool.waiting) == (1, 0, 1)
     release.set()
     assert await slow == (200, b"/slow")
     assert await queued == (200, b"/queued")
     assert server.accepted == 1
+    assert (pool.open_connections, pool.idle_connections, pool.waiting) == (1, 1, 0)
     assert server.targets() == [(0, "/slow"), (0, "/queued")]
 
 
