@@ -429,34 +429,9 @@ class ProxyHandler:
             sent = time.perf_counter()
             try:
                 up = await pool.request(method, head, data, length, self._head_timeout)
-            except UpstreamError as exc:
-                if isinstance(exc, PoolExhausted):
-                    self._metrics.upstream_errors.labels("pool_exhausted").inc()
-                    raise ProxyError(503, "upstream_busy", "Too many requests in flight; retry") from None
-                if too_large:
-                    raise self._too_large() from None
-                if malformed:
-                    raise _MalformedBody() from None
-                self._metrics.upstream_errors.labels("unreachable").inc()
-                raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
-            except TimeoutError:
-                if too_large:
-                    raise self._too_large() from None
-                self._metrics.upstream_errors.labels("timeout").inc()
-                raise ProxyError(504, "upstream_timeout",
-                                 "The MCP server did not answer in time") from None
-            except _BodyTooLarge:
-                raise self._too_large() from None
-            except HttpProcessingError:
-                raise _MalformedBody() from None
-            except OSError:
-                # The client's body stopped before its Content-Length (the client went away).
-                if too_large:
-                    raise self._too_large() from None
-                if malformed:
-                    raise _MalformedBody() from None
-                self._metrics.upstream_errors.labels("unreachable").inc()
-                raise ProxyError(502, "upstream_unreachable", "The MCP server is unreachable") from None
+            # TimeoutError (no head within upstream_timeout_seconds) is an OSError too.
+            except (UpstreamError, OSError, _BodyTooLarge, HttpProcessingError) as exc:
+                raise self._upstream_failure(exc, too_large=too_large, malformed=malformed) from None
             self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
             new_session = up.header(SESSION_HEADER)
             if new_session is not None:
@@ -472,6 +447,23 @@ class ProxyHandler:
         finally:
             if up is not None:
                 up.close()  # pooled only if the answer was read completely, else closed
+
+    def _upstream_failure(self, exc: BaseException, *, too_large: bool, malformed: bool) -> ProxyError:
+        """The client's answer when no upstream response head came. The request body's own
+        failures come first: they caused whatever the upstream side saw next."""
+        if isinstance(exc, PoolExhausted):
+            self._metrics.upstream_errors.labels("pool_exhausted").inc()
+            return ProxyError(503, "upstream_busy", "Too many requests in flight; retry")
+        if too_large or isinstance(exc, _BodyTooLarge):
+            return self._too_large()
+        if malformed or isinstance(exc, HttpProcessingError):
+            # The client's body broke its own framing (RFC 9112 7.1): a 400, not an upstream fault.
+            return _MalformedBody()
+        if isinstance(exc, TimeoutError):
+            self._metrics.upstream_errors.labels("timeout").inc()
+            return ProxyError(504, "upstream_timeout", "The MCP server did not answer in time")
+        self._metrics.upstream_errors.labels("unreachable").inc()
+        return ProxyError(502, "upstream_unreachable", "The MCP server is unreachable")
 
     def _too_large(self) -> ProxyError:
         self._metrics.upstream_errors.labels("body_too_large").inc()
