@@ -334,9 +334,7 @@ class _Conn(asyncio.Protocol):
                 transport.write(b"0\r\n\r\n")
             elif sent != length:
                 raise ConnectionResetError("request body shorter than its Content-Length")
-        except asyncio.CancelledError:
-            raise
-        except BaseException as exc:
+        except Exception as exc:
             # The body source failed (too large, broken framing from the client, the client went
             # away): the upstream must not see a request that looks complete, so the connection
             # is aborted, and whoever waits for the answer gets the reason.
