@@ -135,13 +135,6 @@ def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Pri
     return kept
 
 
-def upstream_headers(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
-                     peer: str, peer_trusted: bool, proto: str, host: str) -> CIMultiDict[str]:
-    """``upstream_header_lines`` as a multidict (for callers that look fields up by name)."""
-    return CIMultiDict(upstream_header_lines(incoming, principal=principal, assertion=assertion, peer=peer,
-                                             peer_trusted=peer_trusted, proto=proto, host=host))
-
-
 def request_head(method: str, target: str, authority: str, fields: list[tuple[str, str]], framing: str) -> bytes:
     """The upstream request's head (RFC 9112 3, 5): request line, Host, ``fields``, the framing
     field, blank line. Field names and values came through the server's parser (llhttp rejects

@@ -465,13 +465,12 @@ class UpstreamPool:
     def __init__(self, url: str, *, max_connections: int, pool_timeout: float,
                  connect_timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
         parts = urlsplit(url)
-        self.scheme = parts.scheme
+        default_port = 443 if parts.scheme == "https" else 80
         self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or (443 if parts.scheme == "https" else 80)
-        default_port = parts.port is None or parts.port == (443 if parts.scheme == "https" else 80)
+        self.port = parts.port or default_port
         host = f"[{self.host}]" if ":" in self.host else self.host
         # RFC 9110 7.2: Host is the upstream's own authority, port omitted when it is the default.
-        self.authority = host if default_port else f"{host}:{self.port}"
+        self.authority = host if self.port == default_port else f"{host}:{self.port}"
         self.base_path = parts.path.rstrip("/")
         self._ssl: ssl.SSLContext | None = None
         if parts.scheme == "https":

@@ -1,4 +1,4 @@
-"""Property: whatever headers a client sends, ``upstream_headers`` hands the upstream no
+"""Property: whatever headers a client sends, ``upstream_header_lines`` hands the upstream no
 credentials, no hop-by-hop fields, nothing that could pose as our identity, and exactly one of
 each identity and X-Forwarded-* header (SPEC 3; RFC 9110 7.6.1; MCP: no token passthrough)."""
 
@@ -12,9 +12,10 @@ from typing import Any
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from multidict import CIMultiDict
 
 from sidecar.principal import Principal
-from sidecar.proxy import HOP_BY_HOP, IDENTITY_HEADERS, upstream_headers
+from sidecar.proxy import HOP_BY_HOP, IDENTITY_HEADERS, upstream_header_lines
 from sidecar.settings import settings_from_mapping
 from sidecar.store import ENABLED, KeyRecord
 
@@ -24,6 +25,11 @@ RECORD = KeyRecord(id="key_0123456789abcdef", lookup_id="LOOKUP00", name="agent"
                    workspace="acme", status=ENABLED, created_at=datetime.now(UTC), created_by="test", key_hash="h")
 PRINCIPAL = Principal.from_record(RECORD, SETTINGS)
 ASSERTION = "header.claims.signature"
+
+
+def upstream_headers(incoming: list[tuple[str, str]], **kwargs: Any) -> CIMultiDict[str]:
+    """The fields ``upstream_header_lines`` sends, in order, looked up by name like the upstream."""
+    return CIMultiDict(upstream_header_lines(incoming, **kwargs))
 EXPECTED_IDENTITY = {
     "x-toolio-key-id": "key_0123456789abcdef",
     "x-toolio-key-name": "agent",
