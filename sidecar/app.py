@@ -1,19 +1,22 @@
-"""``create_app(settings)``: both aiohttp applications and the resources they share.
+"""``create_app(settings)``: both applications and the resources they share.
 
-The proxy app (public listener) and the admin app (admin listener) share one
-:class:`Services`: store, caches, signer, metrics, the upstream connection pool, the
-stream registry and background tasks. Each app's ``cleanup_ctx`` acquires it, so the first app
-started opens it and the last one cleaned up closes it, whatever the order.
+The proxy app (public listener, served by ``sidecar.listener``) and the admin app (an aiohttp
+application on the admin listener) share one :class:`Services`: store, caches, signer, metrics,
+the upstream connection pool, the stream registry and background tasks. Each listener acquires
+it while it runs, so the first one started opens it and the last one stopped closes it,
+whatever the order.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+import json
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -26,8 +29,10 @@ from sidecar.auth import Authenticator, LastUsed
 from sidecar.cache import KeyCache
 from sidecar.errors import json_response
 from sidecar.keys import KeyManager, run_scheduled_disables
+from sidecar.listener import Request
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
+from sidecar.peers import ClientRequest
 from sidecar.proxy import ProxyHandler, SessionBindings, StreamRegistry
 from sidecar.settings import Settings
 from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore
@@ -106,7 +111,7 @@ class Services:
             asyncio.create_task(self._every(0.5, self._flush_log), name="log-flush"),
         ]
 
-    def _client_address(self, request: web.BaseRequest) -> str:
+    def _client_address(self, request: ClientRequest) -> str:
         assert self.proxy is not None
         return self.proxy.client_address(request)
 
@@ -189,7 +194,7 @@ class Services:
 
 @dataclass(frozen=True)
 class SidecarApps:
-    proxy: web.Application
+    proxy: ProxyApp
     admin: web.Application
     services: Services
 
@@ -205,12 +210,6 @@ async def jwks(request: web.Request) -> web.Response:
                         headers={"Cache-Control": "public, max-age=300"})
 
 
-async def discovery_not_found(_: web.Request) -> web.Response:
-    return json_response(404, {"error": "not_found",
-                               "error_description": "This server uses API keys (Authorization: Bearer "
-                                                    "tak_...), not OAuth"})
-
-
 def _services_ctx(services: Services) -> Callable[[web.Application], AsyncIterator[None]]:
     async def ctx(_: web.Application) -> AsyncIterator[None]:
         await services.acquire()
@@ -221,42 +220,52 @@ def _services_ctx(services: Services) -> Callable[[web.Application], AsyncIterat
     return ctx
 
 
-def create_proxy_app(services: Services) -> web.Application:
-    # No middlewares on the public app: the hot path is one handler (DESIGN: cache hit does no
-    # extra work); the guards live in ProxyHandler in a fixed order.
-    app = web.Application(client_max_size=services.settings.proxy.max_body_bytes)
-    app[state.SERVICES] = services
-    app.cleanup_ctx.append(_services_ctx(services))
+class ProxyApp:
+    """The public listener's application (SPEC 3): ``GET /healthz``, ``GET /.well-known/jwks.json``
+    and the OAuth discovery probes are answered here without auth; every other request is the
+    proxy's. No middlewares: the hot path is one handler (DESIGN: a cache hit does no extra work)."""
 
-    async def proxy(request: web.Request) -> web.StreamResponse:
-        assert services.proxy is not None
-        return await services.proxy(request)
+    def __init__(self, services: Services) -> None:
+        self.services = services
+        self._discovery_body = json.dumps({
+            "error": "not_found",
+            "error_description": "This server uses API keys (Authorization: Bearer tak_...), not OAuth"}).encode()
 
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/.well-known/jwks.json", jwks)
-    for prefix in DISCOVERY_PREFIXES:
-        # Any method: a probe is never forwarded upstream or answered with an auth challenge.
-        app.router.add_route("*", prefix, discovery_not_found)
-        app.router.add_route("*", prefix + "/{tail:.*}", discovery_not_found)
-    app.router.add_route("*", "/{tail:.*}", proxy)
-    app_paths = frozenset({"/healthz", "/.well-known/jwks.json"})
+    async def __call__(self, request: Request) -> None:
+        method = request.method
+        if method == "CONNECT":
+            # A tunnel (RFC 9110 9.3.6) is not something an MCP server offers, and a 2xx would turn
+            # the connection into one: no route takes it.
+            request.respond(404, "Not Found", _JSON, _NOT_FOUND, close=True)
+            return
+        target = request.raw_path
+        path = target.partition("?")[0].partition("#")[0]
+        if "%" in path:
+            path = unquote(path)  # routes match the decoded path, as any router's would
+        if path == "/healthz" and method in ("GET", "HEAD"):
+            request.respond(200, "OK", _JSON, _OK)
+        elif path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
+            signer = self.services.signer
+            assert signer is not None
+            request.respond(200, "OK", _JWKS_HEADERS, signer.jwks_body)
+        elif path in DISCOVERY_PREFIXES or path.startswith(_DISCOVERY_TREES):
+            # Any method: a probe is never forwarded upstream or answered with an auth challenge.
+            request.respond(404, "Not Found", _JSON, self._discovery_body)
+        else:
+            proxy = self.services.proxy
+            assert proxy is not None
+            await proxy(request)
 
-    def shortcut(request: web.BaseRequest) -> Awaitable[web.StreamResponse] | None:
-        # Exactly the requests the router above would give to the catch-all proxy route: not one
-        # of the app's own paths or discovery prefixes (those, near misses included, go through
-        # the router), and no Expect, which the application answers (100-continue) before any
-        # handler. Skipping route resolution saves ~5% of a proxied request's CPU.
-        # The raw target, not request.path (a URL parse and percent-decoding per request): one
-        # that is escaped or not in origin form goes through the router, which decodes it.
-        path = request.raw_path.partition("?")[0]
-        if (path in app_paths or path.startswith(DISCOVERY_PREFIXES) or "%" in path or "#" in path
-                or path[:1] != "/" or request.method == "CONNECT" or "Expect" in request.headers):
-            return None
-        assert services.proxy is not None
-        return services.proxy(request)  # type: ignore[arg-type]
 
-    app[state.SHORTCUT] = shortcut
-    return app
+_DISCOVERY_TREES = tuple(prefix + "/" for prefix in DISCOVERY_PREFIXES)
+_JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+_JWKS_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "public, max-age=300"))
+_OK = json.dumps({"status": "ok"}).encode()
+_NOT_FOUND = json.dumps({"error": "not_found", "error_description": "Not Found"}).encode()
+
+
+def create_proxy_app(services: Services) -> ProxyApp:
+    return ProxyApp(services)
 
 
 async def readyz(request: web.Request) -> web.Response:

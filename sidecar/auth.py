@@ -24,13 +24,12 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 
-from aiohttp import web
-
 from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, key_digest, lookup_id_of, parse_key
 from sidecar.audit import AuditLog
 from sidecar.cache import KeyCache
 from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
 from sidecar.metrics import Metrics
+from sidecar.peers import ClientRequest
 from sidecar.principal import Principal
 from sidecar.ratelimit import FailureLimiter
 from sidecar.settings import Settings
@@ -70,7 +69,7 @@ _KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{46}")
 _REFUSED_WITHOUT_GUESSING = frozenset({"disabled", "expired", "workspace"})
 
 
-def bearer_token(request: web.BaseRequest) -> str:
+def bearer_token(request: ClientRequest) -> str:
     """The token of the single ``Authorization: Bearer`` header, or the RFC 6750 error."""
     # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
     # histories) and say so, rather than silently ignoring it.
@@ -93,7 +92,7 @@ def bearer_token(request: web.BaseRequest) -> str:
 class Authenticator:
     def __init__(self, settings: Settings, store: KeyStore, cache: KeyCache, hasher: KeyHasher,
                  metrics: Metrics, audit: AuditLog, last_used: LastUsed,
-                 client_address: Callable[[web.BaseRequest], str]) -> None:
+                 client_address: Callable[[ClientRequest], str]) -> None:
         self._settings = settings
         self._store = store
         self._cache = cache
@@ -111,7 +110,7 @@ class Authenticator:
         self._argon2_threads = ThreadPoolExecutor(settings.auth.max_concurrent_verifications,
                                                   thread_name_prefix="argon2", initializer=_lower_priority)
 
-    async def authenticate(self, request: web.BaseRequest) -> Principal:
+    async def authenticate(self, request: ClientRequest) -> Principal:
         try:
             token = bearer_token(request)
         except AuthError as exc:
@@ -122,7 +121,7 @@ class Authenticator:
             raise
         return await self.authenticate_token(token, request)
 
-    async def authenticate_token(self, token: str, request: web.BaseRequest) -> Principal:
+    async def authenticate_token(self, token: str, request: ClientRequest) -> Principal:
         """Authenticate a key presented some other way than the header (the admin page's login
         form), with the same cache, failure budgets and accounting as :meth:`authenticate`."""
         # Hot path: a token whose digest matches a verified key *is* that key, so its shape and
@@ -158,7 +157,7 @@ class Authenticator:
             self._metrics.count_auth_failure("rate_limited")
             raise RateLimited(wait)
 
-    def _fail(self, lookup_id: str | None, request: web.BaseRequest, reason: str) -> None:
+    def _fail(self, lookup_id: str | None, request: ClientRequest, reason: str) -> None:
         client = self._client_address(request)
         self._by_address.record_failure(client)
         # The lookup-id budget bounds guessing at a key's secret. A disabled, expired or foreign
@@ -169,7 +168,7 @@ class Authenticator:
         self._metrics.count_auth_failure(reason)
         self._audit.auth_failed(lookup_id, client, reason)
 
-    async def _verify(self, parsed: ParsedKey, digest: bytes, request: web.BaseRequest) -> Principal:
+    async def _verify(self, parsed: ParsedKey, digest: bytes, request: ClientRequest) -> Principal:
         client = self._client_address(request)
         self._check_budget(client, parsed.lookup_id)
         known = self._cache.known_bad(digest)

@@ -4,10 +4,25 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from typing import Protocol
 
-from aiohttp import web
+from multidict import MultiMapping
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class ClientRequest(Protocol):
+    """What authentication reads of a request; both the public listener's requests and aiohttp's
+    (the admin page's login) have it."""
+
+    @property
+    def remote(self) -> str | None: ...
+
+    @property
+    def headers(self) -> MultiMapping[str]: ...
+
+    @property
+    def query_string(self) -> str: ...
 
 
 def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
@@ -20,7 +35,7 @@ def is_trusted(peer: str | None, trusted: Sequence[Network]) -> bool:
     return any(address in net for net in trusted)
 
 
-def client_address(request: web.BaseRequest, trusted: Sequence[Network]) -> str:
+def client_address(request: ClientRequest, trusted: Sequence[Network]) -> str:
     """The client's address. Behind trusted proxies, walk X-Forwarded-For from the right and
     take the first hop that is not itself trusted (the left part is client-controlled)."""
     peer = request.remote or "unknown"

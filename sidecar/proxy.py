@@ -16,18 +16,17 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from typing import Any
 
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
 from cachetools import TTLCache
-from multidict import CIMultiDict
 
 from sidecar.assertion import Signer
 from sidecar.auth import Authenticator
-from sidecar.errors import AuthError, InvalidToken, ProxyError
+from sidecar.errors import AuthError, InvalidToken, ProxyError, SidecarError
+from sidecar.listener import BodyError, Request
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.peers import Network, client_address, is_trusted
+from sidecar.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.principal import Principal
 from sidecar.settings import ProxySettings
 from sidecar.upstream import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
@@ -147,13 +146,25 @@ def request_head(method: str, target: str, authority: str, fields: list[tuple[st
     return "".join(parts).encode("utf-8", "surrogateescape")
 
 
-def response_headers(headers: Iterable[tuple[str, str]]) -> CIMultiDict[str]:
+def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
     """The upstream's response fields minus hop-by-hop ones, which RFC 9110 7.6.1 scopes to one
-    connection in responses too (including any the upstream names in its own Connection)."""
+    connection in responses too (including any the upstream names in its own Connection), and
+    minus Content-Length, which the listener writes from the body it actually sends."""
     items = headers if isinstance(headers, list | tuple) else list(headers)
     named = connection_tokens(value for name, value in items if name.lower() == "connection")
-    return CIMultiDict([(name, value) for name, value in items
-                        if (lower := name.lower()) not in _RESPONSE_DROP and lower not in named])
+    if named:
+        return [(name, value) for name, value in items
+                if (lower := name.lower()) not in _RESPONSE_DROP and lower not in named]
+    return [(name, value) for name, value in items if name.lower() not in _RESPONSE_DROP]
+
+
+def send_error(request: Request, exc: SidecarError, *, close: bool = False) -> None:
+    """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors)."""
+    response = exc.response()
+    body = response.body
+    assert isinstance(body, bytes)
+    request.respond(response.status, response.reason, response.headers.items(), body,
+                    close=close or response.keep_alive is False)
 
 
 class StreamRegistry:
@@ -243,10 +254,9 @@ class _BodyTooLarge(Exception):
 
 class _ClosingError(ProxyError):
     """A refusal after which the connection's remaining bytes are not read: a body we cannot
-    frame, or one we will not take. Closing beats aiohttp's default of reading and discarding the
-    rest for up to 10 s (RFC 9110 15.5.14: on 413 the server MAY close the connection)."""
+    frame, or one we will not take (RFC 9110 15.5.14: on 413 the server MAY close the connection)."""
 
-    def response(self) -> web.Response:
+    def response(self) -> Any:
         response = super().response()
         response.force_close()
         return response
@@ -282,25 +292,26 @@ class ProxyHandler:
         self._bindings = bindings
         self._head_timeout = settings.upstream_timeout_seconds
 
-    def client_address(self, request: web.BaseRequest) -> str:
+    def client_address(self, request: ClientRequest) -> str:
         return client_address(request, self._trusted)
 
-    async def __call__(self, request: web.Request) -> web.StreamResponse:
+    async def __call__(self, request: Request) -> None:
         started = time.perf_counter()
         outcome = _Outcome()
         principal: Principal | None = None
         try:
             self._guard(request)
             principal = await self._auth.authenticate(request)
-            return await self._forward(request, principal, outcome, started)
+            await self._forward(request, principal, outcome, started)
         except (AuthError, ProxyError) as exc:
             outcome.status = exc.status
-            response = exc.response()
-            if principal is None and isinstance(exc, ProxyError) and exc.status == 400:
+            if request.started:
+                request.abort()  # too late for an error answer: end the connection instead
+            else:
                 # A request the guard refused to interpret (bad Host, an upgrade, an odd target):
                 # read nothing more from this connection (RFC 9112 9.6, 11.2).
-                response.force_close()
-            return response
+                send_error(request, exc, close=principal is None and isinstance(exc, ProxyError)
+                           and exc.status == 400)
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
             self._metrics.count_request(status, request.method)
@@ -313,7 +324,7 @@ class ProxyHandler:
                 duration_ms=(time.perf_counter() - started) * 1000, bytes_in=request.content_length,
                 bytes_out=outcome.bytes_out)
 
-    def _guard(self, request: web.Request) -> None:
+    def _guard(self, request: Request) -> None:
         # An absolute-form or asterisk-form target (RFC 9112 3.2.2/3.2.4) must never steer the
         # upstream: only origin-form paths are forwarded.
         # RFC 9112 3.2.1: origin-form has no fragment; a client never sends one, and the upstream
@@ -342,8 +353,7 @@ class ProxyHandler:
         if length is not None and length > self._settings.max_body_bytes:
             raise _body_too_large(self._settings.max_body_bytes)
 
-    async def _forward(self, request: web.Request, principal: Principal, outcome: _Outcome,
-                       started: float) -> web.StreamResponse:
+    async def _forward(self, request: Request, principal: Principal, outcome: _Outcome, started: float) -> None:
         # Registered before the first await of forwarding (reading the body), so a disable from
         # now on cuts this request; and one that landed while authentication was still running
         # (a shared argon2 verification, a slow store read) refuses it here (SPEC 2: the next
@@ -352,12 +362,12 @@ class ProxyHandler:
         assert task is not None
         self._streams.add(principal.key_id, task)
         try:
-            return await self._forward_registered(request, principal, outcome, started, task)
+            await self._forward_registered(request, principal, outcome, started, task)
         finally:
             self._streams.discard(principal.key_id, task)
 
-    async def _forward_registered(self, request: web.Request, principal: Principal, outcome: _Outcome,
-                                  started: float, task: asyncio.Task[object]) -> web.StreamResponse:
+    async def _forward_registered(self, request: Request, principal: Principal, outcome: _Outcome,
+                                  started: float, task: asyncio.Task[object]) -> None:
         if self._streams.was_cut_since(principal.key_id, started):
             self._metrics.count_auth_failure("disabled")
             raise InvalidToken("disabled")
@@ -382,13 +392,13 @@ class ProxyHandler:
             total = 0
             limit = self._settings.max_body_bytes
             try:
-                async for chunk in request.content.iter_any():
+                async for chunk in request.iter_body():
                     total += len(chunk)
                     if total > limit:
                         too_large = True
                         raise _BodyTooLarge()
                     yield chunk
-            except HttpProcessingError:
+            except BodyError:
                 # The client's body broke its own framing (RFC 9112 7.1): the upstream request is
                 # aborted mid-body, and the client is told 400, not that the upstream failed.
                 malformed = True
@@ -406,10 +416,11 @@ class ProxyHandler:
             # the socket buffer: relaying it in one piece (head and body in one write) saves the
             # per-chunk machinery (PERFORMANCE.md: body streaming is ~17% of a bare proxy's cost).
             # Anything chunked, larger, or without a length streams chunk by chunk.
-            content = request.content
-            # Usually the whole body came with the head: take it without a wait (the loop in
-            # request.read() costs several awaits even then).
-            data = content.read_nowait() if content.is_eof() else await request.read()
+            # Usually the whole body came with the head: take it without a wait.
+            try:
+                data = request.take_body() if request.body_complete else await request.read_body()
+            except BodyError:
+                raise _MalformedBody() from None
             if len(data) != length:
                 raise _MalformedBody()
             framing = f"Content-Length: {length}\r\n"
@@ -423,7 +434,7 @@ class ProxyHandler:
             try:
                 up = await pool.request(method, head, data, length, self._head_timeout)
             # TimeoutError (no head within upstream_timeout_seconds) is an OSError too.
-            except (UpstreamError, OSError, _BodyTooLarge, HttpProcessingError) as exc:
+            except (UpstreamError, OSError, _BodyTooLarge, BodyError) as exc:
                 raise self._upstream_failure(exc, too_large=too_large, malformed=malformed) from None
             self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
             new_session = up.header(SESSION_HEADER)
@@ -431,11 +442,11 @@ class ProxyHandler:
                 self._bindings.bind(new_session, principal.key_id)
             if method == "DELETE" and session_id is not None and 200 <= up.status < 300:
                 self._bindings.forget(session_id)
-            return await self._relay(request, up, outcome)
+            await self._relay(request, up, outcome)
         except asyncio.CancelledError:
-            if task in self._streams.cut_tasks and request.transport is not None:
+            if task in self._streams.cut_tasks:
                 # The key was disabled: close the client connection, not just this response.
-                request.transport.close()
+                request.abort()
             raise
         finally:
             if up is not None:
@@ -449,7 +460,7 @@ class ProxyHandler:
             return ProxyError(503, "upstream_busy", "Too many requests in flight; retry")
         if too_large or isinstance(exc, _BodyTooLarge):
             return self._too_large()
-        if malformed or isinstance(exc, HttpProcessingError):
+        if malformed or isinstance(exc, BodyError):
             # The client's body broke its own framing (RFC 9112 7.1): a 400, not an upstream fault.
             return _MalformedBody()
         if isinstance(exc, TimeoutError):
@@ -462,12 +473,10 @@ class ProxyHandler:
         self._metrics.upstream_errors.labels("body_too_large").inc()
         return _body_too_large(self._settings.max_body_bytes)
 
-    async def _relay(self, request: web.Request, up: UpstreamResponse,
-                     outcome: _Outcome) -> web.StreamResponse:
+    async def _relay(self, request: Request, up: UpstreamResponse, outcome: _Outcome) -> None:
         length = up.content_length
         streaming = up.content_type == "text/event-stream"
-        head_only = request.method == "HEAD"
-        if length is not None and length <= SMALL_BODY and not streaming and not head_only:
+        if length is not None and length <= SMALL_BODY and not streaming and request.method != "HEAD":
             # A complete small answer (the common JSON-RPC response): one read, one write of head
             # and body together. SSE and anything large or unbounded streams below.
             try:
@@ -477,24 +486,18 @@ class ProxyHandler:
                 raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
             outcome.status = up.status
             outcome.bytes_out = len(body)
-            return web.Response(status=up.status, reason=up.reason, body=body,
-                                headers=response_headers(up.headers))
-        resp = web.StreamResponse(status=up.status, reason=up.reason,
-                                  headers=response_headers(up.headers))
-        if length is not None and not head_only:
-            resp.content_length = length
+            request.respond(up.status, up.reason, response_headers(up.headers), body)
+            return
         outcome.status = up.status
+        if not request.start(up.status, up.reason, response_headers(up.headers), length):
+            return  # HEAD, 204, 304: the head is the whole answer
         if streaming:
             self._metrics.open_streams.inc()
         try:
-            await resp.prepare(request)
-            if head_only or up.status in (204, 304):
-                await resp.write_eof()
-                return resp
             try:
                 async for chunk in up.iter_chunks():
                     outcome.bytes_out += len(chunk)
-                    await resp.write(chunk)
+                    await request.write(chunk)
             except UpstreamError:
                 # Upstream reset mid-stream: a chunked/SSE response can still end cleanly; one with
                 # a Content-Length cannot, so the connection is closed instead of lying.
@@ -503,11 +506,9 @@ class ProxyHandler:
                     # Only an event stream can end cleanly here (its events so far are whole); any
                     # other body would read as complete if ended with a last chunk, so the client's
                     # connection is closed instead (RFC 9112 8: an incomplete message).
-                    if request.transport is not None:
-                        request.transport.close()
-                    return resp
-            await resp.write_eof()
-            return resp
+                    request.abort()
+                    return
+            await request.finish()
         finally:
             if streaming:
                 self._metrics.open_streams.dec()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
 
@@ -19,11 +20,11 @@ from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
 
-from sidecar import state
-from sidecar.app import SidecarApps, create_app
+from sidecar.app import ProxyApp, SidecarApps, create_app
 from sidecar.errors import json_response
+from sidecar.listener import Listener
 from sidecar.logs import JsonLog, install
-from sidecar.settings import ListenAddress, Settings
+from sidecar.settings import Settings
 
 
 class GuardedRequestHandler(RequestHandler):
@@ -121,7 +122,7 @@ def _guarded_server(head_timeout: float) -> type[web.Server]:
 
 
 class SidecarRunner(web.AppRunner):
-    """AppRunner whose connections get :class:`GuardedRequestHandler`."""
+    """AppRunner whose connections get :class:`GuardedRequestHandler` (the admin listener)."""
 
     def __init__(self, app: web.Application, *, head_timeout: float, **kwargs: Any) -> None:
         super().__init__(app, **kwargs)
@@ -130,23 +131,15 @@ class SidecarRunner(web.AppRunner):
     async def _make_server(self) -> web.Server:
         server = await super()._make_server()
         server.__class__ = _guarded_server(self._head_timeout)
-        shortcut = self.app.get(state.SHORTCUT)
-        if shortcut is not None:
-            routed = server.request_handler
-
-            async def dispatch(request: BaseRequest) -> StreamResponse:
-                direct = shortcut(request)
-                return await (direct if direct is not None else routed(request))
-            server.request_handler = dispatch
         return server
 
 
 def runner_for(app: web.Application, settings: Settings) -> SidecarRunner:
+    """The admin listener's runner."""
     return SidecarRunner(
         app,
         head_timeout=settings.proxy.header_timeout_seconds,
-        # A client that goes away cancels its handler, which closes the upstream request at once
-        # (aiohttp's default keeps upstream connections open after clients disconnect).
+        # A client that goes away cancels its handler (aiohttp's default lets it run on).
         handler_cancellation=True,
         access_log=None,  # we write our own JSON access lines
         keepalive_timeout=settings.proxy.keepalive_timeout_seconds,
@@ -154,36 +147,80 @@ def runner_for(app: web.Application, settings: Settings) -> SidecarRunner:
     )
 
 
-async def start(apps: SidecarApps, settings: Settings) -> list[SidecarRunner]:
-    runners = []
-    for app, listen in ((apps.proxy, settings.proxy.listen), (apps.admin, settings.admin.listen)):
-        runner = runner_for(app, settings)
-        await runner.setup()
-        await _site(runner, listen).start()
-        runners.append(runner)
-    return runners
+class PublicServer:
+    """The public listener (``sidecar.listener``) serving the proxy app; holds the shared
+    services open while it runs."""
+
+    def __init__(self, app: ProxyApp, settings: Settings) -> None:
+        self.app = app
+        self._settings = settings
+        self._listener: Listener | None = None
+
+    async def start(self, host: str, port: int) -> None:
+        services = self.app.services
+        await services.acquire()
+        try:
+            listener = Listener(self.app, log=services.log,
+                                head_timeout=self._settings.proxy.header_timeout_seconds,
+                                keepalive_timeout=self._settings.proxy.keepalive_timeout_seconds)
+            await listener.start(host, port)
+        except BaseException:
+            await services.release()
+            raise
+        self._listener = listener
+
+    @property
+    def port(self) -> int:
+        assert self._listener is not None
+        return self._listener.port
+
+    def stop_accepting(self) -> None:
+        if self._listener is not None:
+            self._listener.stop_accepting()
+
+    async def close(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            try:
+                await listener.close()
+            finally:
+                await self.app.services.release()
 
 
-def _site(runner: web.BaseRunner, listen: ListenAddress) -> web.TCPSite:
-    return web.TCPSite(runner, listen.host, listen.port, reuse_address=True, backlog=1024)
+@dataclass
+class Running:
+    public: PublicServer
+    admin: SidecarRunner
 
 
-async def drain(apps: SidecarApps, runners: list[SidecarRunner], settings: Settings,
-                pre_stop_delay: float = 1.0) -> None:
+async def start(apps: SidecarApps, settings: Settings) -> Running:
+    public = PublicServer(apps.proxy, settings)
+    await public.start(settings.proxy.listen.host, settings.proxy.listen.port)
+    try:
+        admin = runner_for(apps.admin, settings)
+        await admin.setup()
+        await web.TCPSite(admin, settings.admin.listen.host, settings.admin.listen.port, reuse_address=True,
+                          backlog=1024).start()
+    except BaseException:
+        await public.close()
+        raise
+    return Running(public, admin)
+
+
+async def drain(apps: SidecarApps, running: Running, settings: Settings, pre_stop_delay: float = 1.0) -> None:
     services = apps.services
     services.draining = True
     services.log.info("draining", grace_seconds=settings.shutdown_grace_seconds)
     await asyncio.sleep(min(pre_stop_delay, settings.shutdown_grace_seconds))
     # Stop accepting new connections on the public listener; in-flight requests continue.
-    for site in list(runners[0].sites):
-        await site.stop()
+    running.public.stop_accepting()
     try:
         await asyncio.wait_for(services.streams.idle.wait(), timeout=settings.shutdown_grace_seconds)
     except TimeoutError:
         services.log.warning("grace period over; closing open streams", open=len(services.streams))
         services.streams.cut_all()
-    for runner in reversed(runners):
-        await runner.cleanup()
+    await running.admin.cleanup()
+    await running.public.close()
 
 
 def _raise_fd_limit(log: JsonLog) -> None:
@@ -214,7 +251,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    runners = await start(apps, settings)
+    running = await start(apps, settings)
     log.info("listening", proxy=str(settings.proxy.listen), admin=str(settings.admin.listen),
              upstream=settings.proxy.upstream, workspace=settings.workspace)
     log.flush()
@@ -222,7 +259,7 @@ async def serve(settings: Settings, *, stop: asyncio.Event | None = None,
         started.set()
     try:
         await stop.wait()
-        await drain(apps, runners, settings)
+        await drain(apps, running, settings)
     finally:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)

@@ -25,7 +25,7 @@ from admin.openapi import openapi_document
 from admin.session import COOKIE_NAME, SECURE_COOKIE_NAME
 from sidecar.app import Services, create_app
 from sidecar.logs import JsonLog
-from sidecar.server import runner_for
+from sidecar.server import PublicServer, runner_for
 from sidecar.settings import Settings, settings_from_mapping
 
 ROLES: dict[str, Any] = {
@@ -165,8 +165,10 @@ async def running_sidecar(tmp_path: Path, *, admin: Mapping[str, Any] | None = N
         settings = make_settings(tmp_path / "data", upstream_url, admin=admin, auth=auth)
         log = io.StringIO()
         apps = create_app(settings, log=JsonLog(stream=log, level="info"))
-        proxy_runner, proxy_port = await _start(apps.proxy, settings, "127.0.0.1")
-        stack.push_async_callback(proxy_runner.cleanup)
+        public = PublicServer(apps.proxy, settings)
+        await public.start("127.0.0.1", 0)
+        stack.push_async_callback(public.close)
+        proxy_port = public.port
         admin_runner, admin_port = await _start(apps.admin, settings, admin_host)
         stack.push_async_callback(admin_runner.cleanup)
         record, full = await apps.services.keys.create(name="ops", roles=["org-admin"], actor="cli", client=None)

@@ -3,7 +3,7 @@
 * :func:`hardening_settings` builds validated :class:`Settings` for a test (cheap argon2 unless
   asked otherwise, small grace periods, the ``viewer`` and ``org-admin`` roles).
 * :func:`running_sidecar` starts the proxy app and then the admin app on loopback port 0, the
-  way ``serve`` does (``runner_for`` + ``TCPSite``), and yields a :class:`Sidecar`.
+  way ``serve`` does (``PublicServer``, ``runner_for`` + ``TCPSite``), and yields a :class:`Sidecar`.
 * :class:`RecordingUpstream` is a raw asyncio TCP server that records every byte it receives,
   per connection, so a test can prove that nothing (or exactly what) was forwarded. Its
   behaviour per connection is a coroutine (:func:`answer_ok`, :func:`stay_silent`, ...).
@@ -34,7 +34,7 @@ from sidecar.apikeys import ALPHABET, LOOKUP_LEN, PREFIX, SECRET_LEN, checksum
 from sidecar.app import Services, SidecarApps, create_app
 from sidecar.logs import JsonLog
 from sidecar.proxy import IDENTITY_HEADERS
-from sidecar.server import runner_for
+from sidecar.server import PublicServer, runner_for
 from sidecar.settings import Settings, settings_from_mapping
 from sidecar.store import KeyRecord
 
@@ -122,16 +122,17 @@ async def running_sidecar(settings: Settings) -> AsyncIterator[Sidecar]:
     # The sidecar's JSON lines go to a buffer a test can read, not to the test output.
     stream = io.StringIO()
     apps = create_app(settings, log=JsonLog(stream=stream, level="info"))
+    public = PublicServer(apps.proxy, settings)
+    await public.start(LOOPBACK, 0)
     runners: list[web.BaseRunner] = []
     try:
-        proxy_runner, port = await _start_site(apps.proxy, settings)
-        runners.append(proxy_runner)
         admin_runner, admin_port = await _start_site(apps.admin, settings)
         runners.append(admin_runner)
-        yield Sidecar(apps=apps, settings=settings, port=port, admin_port=admin_port, log=stream)
+        yield Sidecar(apps=apps, settings=settings, port=public.port, admin_port=admin_port, log=stream)
     finally:
         for runner in reversed(runners):
             await runner.cleanup()
+        await public.close()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from aiohttp import web
 
 from sidecar.app import Services, SidecarApps, create_app
 from sidecar.logs import JsonLog
-from sidecar.server import runner_for
+from sidecar.server import PublicServer, runner_for
 from sidecar.settings import Settings, settings_from_mapping
 from sidecar.store import DISABLED, ENABLED, KeyRecord
 
@@ -145,22 +145,26 @@ class SidecarStarter:
 
     def __init__(self) -> None:
         self._runners: list[web.AppRunner] = []
+        self._public: list[PublicServer] = []
 
     async def __call__(self, settings: Settings) -> RunningSidecar:
         stream = io.StringIO()
         apps = create_app(settings, log=JsonLog(stream=stream, level="debug"))
-        urls = []
-        for app in (apps.proxy, apps.admin):
-            runner = runner_for(app, settings)
-            await runner.setup()
-            self._runners.append(runner)
-            await web.TCPSite(runner, "127.0.0.1", 0).start()
-            urls.append(f"http://127.0.0.1:{bound_port(runner)}")
-        return RunningSidecar(settings, apps, urls[0], urls[1], stream)
+        public = PublicServer(apps.proxy, settings)
+        await public.start("127.0.0.1", 0)
+        self._public.append(public)
+        runner = runner_for(apps.admin, settings)
+        await runner.setup()
+        self._runners.append(runner)
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        return RunningSidecar(settings, apps, f"http://127.0.0.1:{public.port}",
+                              f"http://127.0.0.1:{bound_port(runner)}", stream)
 
     async def close(self) -> None:
         while self._runners:
             await self._runners.pop().cleanup()
+        while self._public:
+            await self._public.pop().close()
 
 
 @dataclass

@@ -20,7 +20,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar.app import SidecarApps, create_app
-from sidecar.server import runner_for
+from sidecar.server import start
 from sidecar.settings import Settings, settings_from_mapping
 
 ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le", "state"}
@@ -80,17 +80,12 @@ async def _serve(app: web.Application) -> AsyncIterator[str]:
 @asynccontextmanager
 async def _sidecar(settings: Settings) -> AsyncIterator[SidecarApps]:
     apps = create_app(settings)
-    runners = []
-    for app, listen in ((apps.proxy, settings.proxy.listen), (apps.admin, settings.admin.listen)):
-        runner = runner_for(app, settings)
-        await runner.setup()
-        await web.TCPSite(runner, listen.host, listen.port).start()
-        runners.append(runner)
+    running = await start(apps, settings)
     try:
         yield apps
     finally:
-        for runner in reversed(runners):
-            await runner.cleanup()
+        await running.admin.cleanup()
+        await running.public.close()
 
 
 async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(tmp_path: Path) -> None:

@@ -424,9 +424,9 @@ async def test_client_error_mid_stream_does_not_break_the_next_request(
 
 async def test_requests_near_the_listeners_own_paths_are_proxied_like_any_other(
         sidecar: RunningSidecar, echo: EchoUpstream) -> None:
-    # Proxied requests skip route resolution (server.SidecarRunner); this pins that the shortcut
-    # sends exactly what the router would: the app's own GET paths with another method, and paths
-    # that only share a prefix with a discovery path, are the MCP server's.
+    # The public app (app.ProxyApp) routes by hand; this pins that it routes as SPEC 3 reads: the
+    # app's own GET paths with another method, and paths that only share a prefix with a
+    # discovery path, are the MCP server's.
     _, key = await sidecar.create_key()
     async with client_session() as http:
         for method, path in [("POST", "/healthz"), ("DELETE", "/.well-known/jwks.json"),

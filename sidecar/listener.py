@@ -1,0 +1,730 @@
+"""The public listener: an HTTP/1.1 server (RFC 9112) made for this one port.
+
+The public port serves three fixed answers and one proxy route, so a general web framework's
+server costs more than it gives: aiohttp's server side was a third of a proxied request's CPU
+(bench/RESULTS.md). Here an ``asyncio.Protocol`` feeds llhttp (through ``httptools``, in its
+strict mode) and hands each complete request head to one ``dispatch`` coroutine, one at a time
+per connection. What this module owns, each rule tested over raw sockets (tests/test_hardening_*,
+tests/test_fuzz_listener.py, tests/test_listener.py):
+
+* framing: llhttp refuses CL+TE together, duplicate or non-numeric Content-Length, a final
+  coding other than chunked, obs-fold, bare CR/LF, NUL and spaces before the colon; on top of
+  it a request head is bounded (target, field, field count, total) and singleton fields
+  (Host, Content-Length, Content-Type, ...) may appear once. Any of these: a JSON 400 (414/431
+  for sizes), then the connection is closed and nothing of it is dispatched;
+* time: a request head must be complete within ``head_timeout`` of its first byte (of the
+  connection, for the first one): slowloris; an idle kept-alive connection is closed after
+  ``keepalive_timeout``;
+* one request at a time: pipelined requests wait their turn (reading pauses meanwhile), a
+  request body is buffered up to a high-water mark and then read only as it is consumed;
+* ``Expect: 100-continue`` is answered when the handler first reads the body, so a refused
+  request never invites its body (RFC 9110 10.1.1);
+* a response is framed by Content-Length, chunked (HTTP/1.1) or by closing (HTTP/1.0); HEAD,
+  204 and 304 carry no body (RFC 9110 6.4.1); write back-pressure pauses the handler;
+* a client that goes away cancels its handler at once (so the upstream request closes);
+* drain: ``stop_accepting`` closes idle connections and lets in-flight ones finish, after which
+  they close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from email.utils import formatdate
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import unquote
+
+import httptools
+from multidict import CIMultiDict
+
+from sidecar.logs import JsonLog
+
+# Request head limits, as common servers set them (aiohttp and nginx: 8 KB lines).
+MAX_TARGET = 8190
+MAX_FIELD = 8190
+MAX_FIELDS = 128
+MAX_HEAD = 64 * 1024
+# How long a closing connection keeps reading (and discarding) after its last answer.
+LINGER_SECONDS = 2.0
+# A request body is buffered up to this much before reading from the socket pauses.
+BODY_HIGH_WATER = 256 * 1024
+# Fields that must not repeat: a second value makes the request ambiguous to whoever reads it
+# next (RFC 9112 3.2 for Host; RFC 9110 8.3 and 8.6 for the content fields).
+_SINGLETONS = frozenset({b"host", b"content-type", b"content-length", b"content-location", b"content-range",
+                         b"max-forwards"})
+_NO_BODY_STATUS = frozenset({204, 304})
+
+Dispatch = Callable[["Request"], Awaitable[None]]
+
+
+class BodyError(Exception):
+    """The request body broke its framing (RFC 9112 7.1) or the client stopped sending it."""
+
+
+class _Refusal(Exception):
+    def __init__(self, status: int) -> None:
+        super().__init__(status)
+        self.status = status
+
+
+_date_second = 0
+_date_value = ""
+
+
+def http_date() -> str:
+    """The Date field value (RFC 9110 6.6.1), formatted once per second."""
+    global _date_second, _date_value
+    now = int(time.time())
+    if now != _date_second:
+        _date_second = now
+        _date_value = formatdate(now, usegmt=True)
+    return _date_value
+
+
+def error_body(status: int) -> bytes:
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
+    code = "invalid_request" if status == 400 else phrase.lower().replace(" ", "_").replace("-", "_")
+    return json.dumps({"error": code, "error_description": phrase}).encode()
+
+
+def _reason(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Unknown"
+
+
+class Request:
+    """One request: its head (as aiohttp's request exposes it, for the parts the sidecar reads),
+    its body as it arrives, and the means to answer it exactly once."""
+
+    __slots__ = ("_buffered", "_chunked_out", "_chunks", "_close", "_complete", "_conn", "_continue",
+                 "_error", "_finished", "_started", "_waiter", "chunked", "content_length", "headers",
+                 "keep_alive", "method", "raw_path", "remote", "version")
+
+    scheme = "http"
+
+    def __init__(self, conn: _Connection, method: str, target: str, version: tuple[int, int],
+                 headers: CIMultiDict[str], content_length: int | None, chunked: bool, keep_alive: bool,
+                 expect_continue: bool) -> None:
+        self._conn = conn
+        self.method = method
+        self.raw_path = target
+        self.version = version
+        self.headers = headers
+        self.remote = conn.remote
+        self.content_length = content_length
+        self.chunked = chunked
+        self.keep_alive = keep_alive
+        self._continue = expect_continue
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._complete = False
+        self._error: BaseException | None = None
+        self._waiter: asyncio.Future[None] | None = None
+        self._started = False
+        self._finished = False
+        self._chunked_out = False
+        self._close = False
+
+    # -- the head ----------------------------------------------------------------------------
+
+    @property
+    def path(self) -> str:
+        path = self.raw_path.partition("?")[0].partition("#")[0]
+        return unquote(path) if "%" in path else path
+
+    @property
+    def query_string(self) -> str:
+        query = self.raw_path.partition("?")[2].partition("#")[0]
+        return unquote(query) if "%" in query else query
+
+    @property
+    def host(self) -> str:
+        """The Host the client named, else (HTTP/1.0 without one) the address it connected to."""
+        return self.headers.get("Host") or self._conn.local
+
+    @property
+    def body_exists(self) -> bool:
+        return self.chunked or bool(self.content_length)
+
+    # -- the body ----------------------------------------------------------------------------
+
+    @property
+    def body_complete(self) -> bool:
+        """The whole body is here (or there is none): :meth:`take_body` returns it at once."""
+        return self._complete and self._error is None
+
+    def take_body(self) -> bytes:
+        chunks = self._chunks
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._consumed(len(data))
+        return data
+
+    async def read_body(self) -> bytes:
+        parts = []
+        async for chunk in self.iter_body():
+            parts.append(chunk)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def iter_body(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; raises :class:`BodyError` if its framing breaks."""
+        if self._continue:
+            self._continue = False
+            if not self._complete and not self._chunks and not self._conn.closing:
+                # RFC 9110 10.1.1: the client waits for this before it sends the body.
+                self._conn.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        while True:
+            if self._chunks:
+                data = self._chunks.popleft()
+                self._consumed(len(data))
+                yield data
+                continue
+            if self._error is not None:
+                raise self._error
+            if self._complete:
+                return
+            waiter = self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def _consumed(self, size: int) -> None:
+        self._buffered -= size
+        self._conn.update_reading()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _feed(self, data: bytes) -> None:
+        self._chunks.append(data)
+        self._buffered += len(data)
+        self._wake()
+
+    def _done(self) -> None:
+        self._complete = True
+        self._wake()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._complete:
+            self._error = exc
+            self._wake()
+
+    # -- the answer ----------------------------------------------------------------------------
+
+    def respond(self, status: int, reason: str, headers: Iterable[tuple[str, str]], body: bytes, *,
+                close: bool = False) -> None:
+        """The whole answer in one write."""
+        no_body = status in _NO_BODY_STATUS or status < 200
+        framing = "" if no_body else f"Content-Length: {len(body)}\r\n"
+        head = self._head(status, reason, headers, framing, close)
+        if no_body or self.method == "HEAD":
+            self._conn.write(head)
+        else:
+            self._conn.write(head + body)
+        self._finished = True
+
+    def start(self, status: int, reason: str, headers: Iterable[tuple[str, str]], length: int | None) -> bool:
+        """Send the head of a streamed answer; False when it has no body to stream."""
+        if status in _NO_BODY_STATUS or self.method == "HEAD":
+            framing = f"Content-Length: {length}\r\n" if length is not None and status not in _NO_BODY_STATUS else ""
+            self._conn.write(self._head(status, reason, headers, framing, False))
+            self._finished = True
+            return False
+        if length is not None:
+            framing = f"Content-Length: {length}\r\n"
+        elif self.version >= (1, 1):
+            framing = "Transfer-Encoding: chunked\r\n"
+            self._chunked_out = True
+        else:
+            # RFC 9112 6.3 (8): an HTTP/1.0 client reads an unframed body until the connection closes.
+            framing = ""
+            self._close = True
+        self._conn.write(self._head(status, reason, headers, framing, self._close))
+        return True
+
+    async def write(self, data: bytes) -> None:
+        conn = self._conn
+        if conn.closing:
+            raise ConnectionResetError("the client connection is closed")
+        if self._chunked_out:
+            if not data:
+                return  # an empty chunk would read as the last one (RFC 9112 7.1)
+            conn.write(b"%x\r\n%b\r\n" % (len(data), data))
+        else:
+            conn.write(data)
+        if conn.write_paused:
+            await conn.drain()
+
+    async def finish(self) -> None:
+        if self._chunked_out:
+            self._conn.write(b"0\r\n\r\n")
+        self._finished = True
+        if self._conn.write_paused:
+            await self._conn.drain()
+
+    def abort(self) -> None:
+        """End the connection now: the answer cannot be completed, or must not be."""
+        self._close = True
+        self._conn.close_gently()
+
+    def _head(self, status: int, reason: str, headers: Iterable[tuple[str, str]], framing: str, close: bool) -> bytes:
+        if self._started:
+            raise RuntimeError("the response has started already")
+        self._started = True
+        if close:
+            self._close = True
+        parts = [f"HTTP/1.1 {status} {reason}\r\n"]
+        has_date = False
+        for name, value in headers:
+            if not has_date and len(name) == 4 and name.lower() == "date":
+                has_date = True
+            parts.append(f"{name}: {value}\r\n")
+        if not has_date:
+            # RFC 9110 6.6.1: a recipient with a clock forwarding a response without Date adds one.
+            parts.append(f"Date: {http_date()}\r\n")
+        parts.append(framing)
+        if self._close or not self.keep_alive or self._conn.closing_after:
+            parts.append("Connection: close\r\n")
+        elif self.version < (1, 1):
+            parts.append("Connection: keep-alive\r\n")
+        parts.append("\r\n")
+        # utf-8 with surrogateescape reverses how field values were decoded: bytes pass unchanged.
+        return "".join(parts).encode("utf-8", "surrogateescape")
+
+    @property
+    def started(self) -> bool:
+        return self._started
+
+
+class _Connection(asyncio.Protocol):
+    """One client connection: parsing, timers, flow control, one handler at a time."""
+
+    def __init__(self, server: Listener) -> None:
+        self._server = server
+        self._loop = server.loop
+        self._parser = httptools.HttpRequestParser(self)
+        self.transport: asyncio.Transport | None = None
+        self.remote: str | None = None
+        self.local = ""
+        self._queue: deque[Request] = deque()
+        self._parsing: Request | None = None
+        self._current: Request | None = None
+        self._task: asyncio.Task[None] | None = None
+        # The head being parsed.
+        self._in_head = False
+        self._head_bytes = 0
+        self._target: list[bytes] = []
+        self._target_len = 0
+        self._fields: list[tuple[str, str]] = []
+        self._seen: set[bytes] = set()
+        self._content_length: int | None = None
+        self._chunked = False
+        self._expect: str | None = None
+        # No more requests are read: a parse error, an upgrade, a refusal, or the end of input.
+        self._input_closed = False
+        self._refusal: int | None = None  # answer owed after the current request
+        self._reading_paused = False
+        self.write_paused = False
+        self._drain: asyncio.Future[None] | None = None
+        self.closing = False
+        self.closing_after = False  # the listener is draining: close after the current answer
+        # One deadline and at most one timer (re-armed lazily): the head deadline while a head is
+        # awaited, the keep-alive bound while idle between requests, none while one is handled.
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle = False  # the deadline is the keep-alive bound
+        self._lingering = False
+
+    # -- asyncio.Protocol ----------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.remote = str(peer[0]) if isinstance(peer, tuple) else None
+        sock = transport.get_extra_info("sockname")
+        if isinstance(sock, tuple):
+            self.local = f"[{sock[0]}]:{sock[1]}" if ":" in str(sock[0]) else f"{sock[0]}:{sock[1]}"
+        self._server.connections.add(self)
+        self._arm(self._server.head_timeout)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self.closing = True
+        self._input_closed = True
+        self._server.connections.discard(self)
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        cut = BodyError("the client closed the connection")
+        for request in (self._parsing, self._current, *self._queue):
+            if request is not None:
+                request._fail(cut)
+        self._queue.clear()
+        if self._task is not None and not self._task.done():
+            # The client is gone: stop the handler now, which closes its upstream request.
+            self._task.cancel()
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_exception(ConnectionResetError("the client connection is closed"))
+            self._drain.exception()  # retrieved: nobody may be waiting
+
+    def pause_writing(self) -> None:
+        self.write_paused = True
+
+    def resume_writing(self) -> None:
+        self.write_paused = False
+        if self._drain is not None and not self._drain.done():
+            self._drain.set_result(None)
+        self._drain = None
+
+    def eof_received(self) -> bool | None:
+        # The client closed its side: asyncio closes the transport (False), and connection_lost
+        # stops any handler, so the upstream request ends with it. Clients of this port do not
+        # half-close and then wait for an answer.
+        return False
+
+    def data_received(self, data: bytes) -> None:
+        if self._input_closed:
+            return
+        if self._idle:
+            # The first byte of a new head after an idle keep-alive: the head deadline starts now.
+            # Only then: bytes that begin no message (llhttp skips stray CRLFs) must not keep
+            # pushing the deadline back.
+            self._arm(self._server.head_timeout)
+        if self._in_head:
+            self._head_bytes += len(data)
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            # An upgrade (or CONNECT) head is complete; what follows is not HTTP and is never read.
+            self._input_closed = True
+            if self._parsing is not None:
+                self._parsing._done()
+                self._parsing = None
+            for request in self._queue:
+                request._close = True
+        except httptools.HttpParserCallbackError as exc:
+            cause = exc.__context__
+            self._refuse(cause.status if isinstance(cause, _Refusal) else 400)
+            return
+        except httptools.HttpParserError:
+            self._refuse(400)
+            return
+        if self._in_head and self._head_bytes > MAX_HEAD:
+            self._refuse(431)
+            return
+        self._next()
+
+    # -- parser callbacks ------------------------------------------------------------------------
+
+    def on_message_begin(self) -> None:
+        self._in_head = True
+        self._head_bytes = 0
+        self._target = []
+        self._target_len = 0
+        self._fields = []
+        self._seen.clear()
+        self._content_length = None
+        self._chunked = False
+        self._expect = None
+
+    def on_url(self, part: bytes) -> None:
+        self._target_len += len(part)
+        if self._target_len > MAX_TARGET:
+            raise _Refusal(414)  # RFC 9112 3: a target longer than the server parses
+        self._target.append(part)
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if len(name) + len(value) > MAX_FIELD or len(self._fields) >= MAX_FIELDS:
+            raise _Refusal(431)  # RFC 6585 5
+        lower = name.lower()
+        if lower in _SINGLETONS:
+            if lower in self._seen:
+                raise _Refusal(400)
+            self._seen.add(lower)
+            if lower == b"content-length":
+                self._content_length = int(value)  # llhttp accepted it: digits only
+        elif lower == b"transfer-encoding":
+            codings = [coding.strip() for coding in value.lower().split(b",")]
+            if codings[-1] != b"chunked":
+                # RFC 9112 6.3 (4): a request whose final coding is not chunked cannot be framed.
+                raise _Refusal(400)
+            if len(codings) > 1:
+                # Any coding before chunked would reach the upstream undeclared once chunked is
+                # removed: RFC 9112 6.1, a transfer coding the server does not understand.
+                raise _Refusal(501)
+            self._chunked = True
+        elif lower == b"expect":
+            self._expect = value.decode("latin-1").strip().lower()
+        # utf-8 with surrogateescape (as aiohttp decodes them): the bytes re-encode unchanged.
+        self._fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        parser = self._parser
+        version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
+        target = b"".join(self._target).decode("utf-8", "surrogateescape")
+        expect = self._expect
+        request = Request(self, parser.get_method().decode("ascii"), target, version, CIMultiDict(self._fields),
+                          self._content_length, self._chunked, parser.should_keep_alive(),
+                          expect == "100-continue" and version >= (1, 1))
+        if expect is not None and expect != "100-continue" and version >= (1, 1):
+            raise _Refusal(417)  # RFC 9110 10.1.1: an expectation the server cannot meet
+        self._parsing = request
+        self._queue.append(request)
+
+    def on_body(self, data: bytes) -> None:
+        if self._parsing is not None:
+            self._parsing._feed(data)
+
+    def on_message_complete(self) -> None:
+        if self._parsing is not None:
+            self._parsing._done()
+            self._parsing = None
+
+    # -- requests in turn ------------------------------------------------------------------------
+
+    def _next(self) -> None:
+        if self._current is None and self._queue and not self.closing:
+            request = self._current = self._queue.popleft()
+            self._deadline = None
+            self._idle = False
+            self._task = self._loop.create_task(self._run(request))
+        self.update_reading()
+
+    async def _run(self, request: Request) -> None:
+        try:
+            await self._server.dispatch(request)
+        except asyncio.CancelledError:
+            self.close_gently()
+        except Exception as exc:
+            if isinstance(exc, ConnectionError):
+                self.abort()
+            else:
+                self._server.log.error("request failed", error=repr(exc), method=request.method)
+                if not request.started and not self.closing:
+                    request.respond(500, _reason(500), _JSON, error_body(500), close=True)
+                else:
+                    self.close_now()
+        finally:
+            self._task = None
+            self._current = None
+            self._finished(request)
+
+    def _finished(self, request: Request) -> None:
+        if self.closing:
+            return
+        if not request._finished:
+            self.close_now()  # a streamed answer that did not end: the client sees it cut short
+            return
+        if self._refusal is not None:
+            self._write_refusal(self._refusal)
+            return
+        if (request._close or not request.keep_alive or not request._complete or request._error is not None
+                or self.closing_after):
+            # RFC 9112 9.6: after "close", or with an unread body left on the connection.
+            self._close_after_writes()
+            return
+        if self._queue:
+            self._next()
+            return
+        if self._input_closed:
+            self._close_after_writes()
+            return
+        if self._in_head:
+            self._arm(self._server.head_timeout)
+        else:
+            self._arm(self._server.keepalive_timeout, idle=True)
+        self.update_reading()
+
+    def _refuse(self, status: int) -> None:
+        """The request being read cannot be served: nothing of it (or behind it) is dispatched; it
+        gets ``status`` once the request in progress, if any, is answered; then the connection closes."""
+        self._input_closed = True
+        self._in_head = False
+        self._queue.clear()
+        parsing = self._parsing
+        self._parsing = None
+        if parsing is not None and parsing is self._current:
+            # The body of the request being handled broke its framing: its handler answers.
+            parsing._fail(BodyError("malformed request body"))
+            self.update_reading()
+            return
+        if self._current is not None:
+            self._refusal = status
+            self.update_reading()
+            return
+        self._write_refusal(status)
+
+    def _write_refusal(self, status: int) -> None:
+        self._server.log.warning("rejected a malformed request", client=self.remote, status=status)
+        # A fixed body: nothing of the request is quoted back (it may carry a key; RFC 6750 5.3).
+        body = error_body(status)
+        self.write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
+                   f"Cache-Control: no-store\r\nDate: {http_date()}\r\nContent-Length: {len(body)}\r\n"
+                   "Connection: close\r\n\r\n".encode() + body)
+        self._close_after_writes()
+
+    # -- I/O helpers -------------------------------------------------------------------------------
+
+    def write(self, data: bytes) -> None:
+        transport = self.transport
+        if transport is not None and not self.closing:
+            transport.write(data)
+
+    async def drain(self) -> None:
+        if self.closing:
+            raise ConnectionResetError("the client connection is closed")
+        if self._drain is None:
+            self._drain = self._loop.create_future()
+        await asyncio.shield(self._drain)
+
+    def update_reading(self) -> None:
+        transport = self.transport
+        if transport is None or self.closing:
+            return
+        parsing = self._parsing
+        pause = bool(self._queue) or self._input_closed or (
+            parsing is not None and parsing._buffered > BODY_HIGH_WATER)
+        if pause != self._reading_paused:
+            self._reading_paused = pause
+            if pause:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+
+    def close_gently(self) -> None:
+        if not self.closing:
+            self._close_after_writes()
+
+    def _close_after_writes(self) -> None:
+        """Close once the answer is out. Closing a socket with unread input makes the kernel send
+        a reset, which can destroy the answer before the client reads it (RFC 9112 9.6: "close
+        the connection in stages"): so send FIN first, read and discard what the client still
+        sends until it closes too, for at most LINGER_SECONDS."""
+        self._input_closed = True
+        self.closing = True
+        transport = self.transport
+        if transport is None:
+            return
+        if not transport.can_write_eof():
+            transport.close()
+            return
+        self._lingering = True
+        transport.write_eof()
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._deadline = None
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(LINGER_SECONDS, transport.abort)
+
+    def close_now(self) -> None:
+        """Close after what is already written, reading nothing more."""
+        self._input_closed = True
+        self.closing = True
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection at once (a reset): for clients that broke a rule or a deadline."""
+        self._input_closed = True
+        self.closing = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close_if_idle(self) -> bool:
+        """For drain: close now if nothing is in progress, else after the current answer."""
+        self.closing_after = True
+        if self._current is None and not self._queue:
+            self._close_after_writes()
+            return True
+        return False
+
+    # -- the deadline ------------------------------------------------------------------------------
+
+    def _arm(self, seconds: float, *, idle: bool = False) -> None:
+        self._idle = idle
+        self._deadline = deadline = self._loop.time() + seconds
+        timer = self._timer
+        if timer is not None and timer.when() > deadline:
+            timer.cancel()  # a shorter bound than the one scheduled (keep-alive after a head)
+            timer = None
+        if timer is None:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        deadline = self._deadline
+        if deadline is None or self.closing:
+            return
+        if self._loop.time() < deadline:
+            self._timer = self._loop.call_at(deadline, self._check_deadline)
+            return
+        self._deadline = None
+        if self._current is None and not self._queue:
+            # A head that did not complete in time (slowloris), or a kept-alive connection idle
+            # for too long: closed without an answer, as there is no request to answer.
+            self.close_now()
+
+
+_JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+
+
+class Listener:
+    """The public port: accepts connections and runs ``dispatch`` for each request."""
+
+    def __init__(self, dispatch: Dispatch, *, log: JsonLog, head_timeout: float, keepalive_timeout: float) -> None:
+        self.dispatch = dispatch
+        self.log = log
+        self.head_timeout = head_timeout
+        self.keepalive_timeout = keepalive_timeout
+        self.connections: set[_Connection] = set()
+        self.loop = asyncio.get_running_loop()
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int, *, backlog: int = 1024) -> None:
+        self._server = await self.loop.create_server(lambda: _Connection(self), host, port,
+                                                     reuse_address=True, backlog=backlog)
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        return int(self._server.sockets[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> list[Any]:
+        return list(self._server.sockets) if self._server is not None else []
+
+    def stop_accepting(self) -> None:
+        """Drain, step one: no new connections; idle ones close now, busy ones after their answer."""
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            conn.close_if_idle()
+
+    async def close(self) -> None:
+        """Drain, last step: cut whatever is still open and wait for its handlers to end."""
+        self.stop_accepting()
+        tasks = []
+        for conn in list(self.connections):
+            if conn._task is not None:
+                tasks.append(conn._task)
+            conn.abort()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
