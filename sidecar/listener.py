@@ -48,8 +48,14 @@ MAX_TARGET = 8190
 MAX_FIELD = 8190
 MAX_FIELDS = 128
 MAX_HEAD = 64 * 1024
-# How long a closing connection keeps reading (and discarding) after its last answer.
+# A closing connection keeps reading (and discarding) this long after its last answer went out;
+# an answer the client stops reading for SEND_STALL_SECONDS is abandoned.
 LINGER_SECONDS = 2.0
+SEND_STALL_SECONDS = 30.0
+_LINGER_TICK = 0.5
+# Requests parsed ahead of their answers (pipelining), and bytes held behind them unparsed.
+MAX_PIPELINED = 16
+MAX_HELD = 64 * 1024
 # A request body is buffered up to this much before reading from the socket pauses.
 BODY_HIGH_WATER = 256 * 1024
 # Fields that must not repeat: a second value makes the request ambiguous to whoever reads it
@@ -285,6 +291,9 @@ class Request:
         self._started = True
         if close:
             self._close = True
+        if not (reason.isascii() and reason.isprintable()):
+            # RFC 9112 4: reason-phrase is HTAB / SP / VCHAR / obs-text; control bytes never pass.
+            reason = _reason(status)
         parts = [f"HTTP/1.1 {status} {reason}\r\n"]
         has_date = False
         for name, value in headers:
@@ -295,6 +304,10 @@ class Request:
             # RFC 9110 6.6.1: a recipient with a clock forwarding a response without Date adds one.
             parts.append(f"Date: {http_date()}\r\n")
         parts.append(framing)
+        if not self._complete:
+            # Answered before its body was read: the rest of the body is not read, so the
+            # connection closes after this answer, and says so (RFC 9112 9.6, RFC 9110 10.1.1).
+            self._close = True
         if self._close or not self.keep_alive or self._conn.closing_after:
             parts.append("Connection: close\r\n")
         elif self.version < (1, 1):
@@ -309,7 +322,11 @@ class Request:
 
 
 class _Connection(asyncio.Protocol):
-    """One client connection: parsing, timers, flow control, one handler at a time."""
+    """One client connection: parsing, timers, flow control, one handler at a time.
+
+    Reading stays on except for back-pressure (a request body buffered past its high-water mark,
+    answers the client does not read, a long pipelined backlog), so a client that goes away is
+    noticed at once, whatever state its requests are in."""
 
     def __init__(self, server: Listener) -> None:
         self._server = server
@@ -318,34 +335,40 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.remote: str | None = None
         self.local = ""
-        self._queue: deque[Request] = deque()
-        self._parsing: Request | None = None
-        self._current: Request | None = None
+        self._queue: deque[Request] = deque()  # heads complete, waiting their turn
+        self._held = bytearray()  # bytes after a waiting request, parsed when its turn comes
+        self._parsing: Request | None = None  # the request whose body is being received
+        self._current: Request | None = None  # the request being handled
         self._task: asyncio.Task[None] | None = None
         # The head being parsed.
         self._in_head = False
-        self._head_bytes = 0
+        self._head_bytes = 0  # bytes received outside bodies since the last head completed
+        self._since_body = 0  # bytes received inside a body since its last data (framing, trailers)
+        self._head_size = 0  # the current head's target and fields, as parsed
         self._target: list[bytes] = []
         self._target_len = 0
         self._fields: list[tuple[str, str]] = []
         self._seen: set[bytes] = set()
         self._content_length: int | None = None
         self._chunked = False
-        self._expect: str | None = None
-        # No more requests are read: a parse error, an upgrade, a refusal, or the end of input.
+        self._expect_continue = False
+        self._expect_other = False
+        # No more requests are parsed (a refusal, an upgrade, closing); input is read and dropped.
         self._input_closed = False
-        self._refusal: int | None = None  # answer owed after the current request
+        self._refusal: int | None = None  # an answer owed once the requests before it are answered
         self._reading_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
         self.closing = False
         self.closing_after = False  # the listener is draining: close after the current answer
         # One deadline and at most one timer (re-armed lazily): the head deadline while a head is
-        # awaited, the keep-alive bound while idle between requests, none while one is handled.
+        # awaited, the keep-alive bound while idle between requests, none while one is handled;
+        # once closing, the same timer watches the last answer go out.
         self._deadline: float | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._idle = False  # the deadline is the keep-alive bound
-        self._lingering = False
+        self._linger_since = 0.0
+        self._linger_buffered = 0
 
     # -- asyncio.Protocol ----------------------------------------------------------------------
 
@@ -373,6 +396,7 @@ class _Connection(asyncio.Protocol):
             if request is not None:
                 request._fail(cut)
         self._queue.clear()
+        self._held.clear()
         if self._task is not None and not self._task.done():
             # The client is gone: stop the handler now, which closes its upstream request.
             self._task.cancel()
@@ -382,12 +406,15 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        self.update_reading()
 
     def resume_writing(self) -> None:
         self.write_paused = False
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None
+        if not self.closing:
+            self._next()  # a waiting request starts once the client reads again
 
     def eof_received(self) -> bool | None:
         # The client closed its side: asyncio closes the transport (False), and connection_lost
@@ -397,14 +424,27 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if self._input_closed:
-            return
+            return  # dropped: reading stays on so that the client's FIN or reset is seen
         if self._idle:
             # The first byte of a new head after an idle keep-alive: the head deadline starts now.
             # Only then: bytes that begin no message (llhttp skips stray CRLFs) must not keep
             # pushing the deadline back.
             self._arm(self._server.head_timeout)
-        if self._in_head:
+        if self._queue or self._held:
+            # A request is waiting for its turn: what follows it is parsed only then (RFC 9112
+            # 9.3.2: answers go out in order), held raw and bounded meanwhile.
+            self._held += data
+            self.update_reading()
+            return
+        self._feed(data)
+
+    def _feed(self, data: bytes) -> None:
+        if self._parsing is None:
+            # Bytes outside any body belong to a head (or to stray CRLFs before one): counted here
+            # as well as field by field, because llhttp holds a field's bytes until it is complete.
             self._head_bytes += len(data)
+        else:
+            self._since_body += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -425,29 +465,40 @@ class _Connection(asyncio.Protocol):
         if self._in_head and self._head_bytes > MAX_HEAD:
             self._refuse(431)
             return
+        if self._parsing is not None and self._since_body > MAX_HEAD:
+            # Chunk extensions or trailer fields without end (llhttp buffers a trailer field whole).
+            self._refuse(431)
+            return
         self._next()
 
     # -- parser callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
         self._in_head = True
-        self._head_bytes = 0
+        self._head_size = 0
         self._target = []
         self._target_len = 0
         self._fields = []
         self._seen.clear()
         self._content_length = None
         self._chunked = False
-        self._expect = None
+        self._expect_continue = False
+        self._expect_other = False
 
     def on_url(self, part: bytes) -> None:
         self._target_len += len(part)
         if self._target_len > MAX_TARGET:
             raise _Refusal(414)  # RFC 9112 3: a target longer than the server parses
+        self._head_size += len(part)
         self._target.append(part)
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if len(name) + len(value) > MAX_FIELD or len(self._fields) >= MAX_FIELDS:
+        if not self._in_head:
+            # A trailer field (RFC 9112 7.1.2): llhttp reads them, nobody here forwards them.
+            return
+        size = len(name) + len(value)
+        self._head_size += size + 4
+        if size > MAX_FIELD or len(self._fields) >= MAX_FIELDS or self._head_size > MAX_HEAD:
             raise _Refusal(431)  # RFC 6585 5
         lower = name.lower()
         if lower in _SINGLETONS:
@@ -467,25 +518,44 @@ class _Connection(asyncio.Protocol):
                 raise _Refusal(501)
             self._chunked = True
         elif lower == b"expect":
-            self._expect = value.decode("latin-1").strip().lower()
+            # RFC 9110 10.1.1: 100-continue is the only expectation; every Expect line counts.
+            if value.strip().lower() == b"100-continue":
+                self._expect_continue = True
+            else:
+                self._expect_other = True
         # utf-8 with surrogateescape (as aiohttp decodes them): the bytes re-encode unchanged.
         self._fields.append((name.decode("utf-8", "surrogateescape"), value.decode("utf-8", "surrogateescape")))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._head_bytes = 0
+        self._since_body = 0
         parser = self._parser
-        version = (1, 1) if parser.get_http_version() == "1.1" else (1, 0)
-        target = b"".join(self._target).decode("utf-8", "surrogateescape")
-        expect = self._expect
-        request = Request(self, parser.get_method().decode("ascii"), target, version, CIMultiDict(self._fields),
-                          self._content_length, self._chunked, parser.should_keep_alive(),
-                          expect == "100-continue" and version >= (1, 1))
-        if expect is not None and expect != "100-continue" and version >= (1, 1):
+        http_version = parser.get_http_version()
+        if http_version == "1.1":
+            version = (1, 1)
+        elif http_version == "1.0":
+            version = (1, 0)
+        else:
+            raise _Refusal(505)  # RFC 9110 15.6.6: only HTTP/1.x is served here
+        if self._expect_other and version >= (1, 1):
             raise _Refusal(417)  # RFC 9110 10.1.1: an expectation the server cannot meet
+        if len(self._queue) >= MAX_PIPELINED:
+            raise _Refusal(400)  # more requests ahead of their answers than any client needs
+        keep_alive = parser.should_keep_alive()
+        if self._chunked and version < (1, 1):
+            # RFC 9112 6.1: Transfer-Encoding in an HTTP/1.0 request is faulty framing; served,
+            # then the connection closes.
+            keep_alive = False
+        target = b"".join(self._target).decode("utf-8", "surrogateescape")
+        request = Request(self, parser.get_method().decode("ascii"), target, version, CIMultiDict(self._fields),
+                          self._content_length, self._chunked, keep_alive,
+                          self._expect_continue and version >= (1, 1))
         self._parsing = request
         self._queue.append(request)
 
     def on_body(self, data: bytes) -> None:
+        self._since_body = 0
         if self._parsing is not None:
             self._parsing._feed(data)
 
@@ -497,11 +567,18 @@ class _Connection(asyncio.Protocol):
     # -- requests in turn ------------------------------------------------------------------------
 
     def _next(self) -> None:
-        if self._current is None and self._queue and not self.closing:
+        """Start the next request if none is being handled and the client reads its answers."""
+        if self._current is None and self._queue and not self.closing and not self.write_paused:
             request = self._current = self._queue.popleft()
             self._deadline = None
             self._idle = False
             self._task = self._loop.create_task(self._run(request))
+            if not self._queue and self._held and not self._input_closed:
+                # Its turn has come: what arrived after it is parsed now (its own body, maybe more).
+                held = bytes(self._held)
+                self._held.clear()
+                self._feed(held)
+                return
         self.update_reading()
 
     async def _run(self, request: Request) -> None:
@@ -529,16 +606,17 @@ class _Connection(asyncio.Protocol):
         if not request._finished:
             self.close_now()  # a streamed answer that did not end: the client sees it cut short
             return
-        if self._refusal is not None:
-            self._write_refusal(self._refusal)
-            return
         if (request._close or not request.keep_alive or not request._complete or request._error is not None
                 or self.closing_after):
-            # RFC 9112 9.6: after "close", or with an unread body left on the connection.
+            # RFC 9112 9.6: after "close", or with an unread body left on the connection; nothing
+            # more is answered on this connection, a refusal owed to a later request included.
             self._close_after_writes()
             return
         if self._queue:
             self._next()
+            return
+        if self._refusal is not None:
+            self._write_refusal(self._refusal)
             return
         if self._input_closed:
             self._close_after_writes()
@@ -550,23 +628,27 @@ class _Connection(asyncio.Protocol):
         self.update_reading()
 
     def _refuse(self, status: int) -> None:
-        """The request being read cannot be served: nothing of it (or behind it) is dispatched; it
-        gets ``status`` once the request in progress, if any, is answered; then the connection closes."""
+        """The request being read cannot be served: nothing of it (or behind it) is dispatched.
+        Requests before it are still answered, in order; then it gets ``status`` and the
+        connection closes."""
         self._input_closed = True
         self._in_head = False
-        self._queue.clear()
+        self._held.clear()
         parsing = self._parsing
         self._parsing = None
-        if parsing is not None and parsing is self._current:
-            # The body of the request being handled broke its framing: its handler answers.
-            parsing._fail(BodyError("malformed request body"))
-            self.update_reading()
+        if parsing is not None:
+            if parsing is self._current:
+                # The body of the request being handled broke its framing: its handler answers.
+                parsing._fail(BodyError("malformed request body"))
+                self.update_reading()
+                return
+            # A waiting request whose body broke: it is never dispatched.
+            self._queue.remove(parsing)
+        if self._current is None and not self._queue:
+            self._write_refusal(status)
             return
-        if self._current is not None:
-            self._refusal = status
-            self.update_reading()
-            return
-        self._write_refusal(status)
+        self._refusal = status
+        self._next()
 
     def _write_refusal(self, status: int) -> None:
         self._server.log.warning("rejected a malformed request", client=self.remote, status=status)
@@ -596,7 +678,7 @@ class _Connection(asyncio.Protocol):
         if transport is None or self.closing:
             return
         parsing = self._parsing
-        pause = bool(self._queue) or self._input_closed or (
+        pause = self.write_paused or len(self._held) > MAX_HELD or (
             parsing is not None and parsing._buffered > BODY_HIGH_WATER)
         if pause != self._reading_paused:
             self._reading_paused = pause
@@ -612,25 +694,54 @@ class _Connection(asyncio.Protocol):
     def _close_after_writes(self) -> None:
         """Close once the answer is out. Closing a socket with unread input makes the kernel send
         a reset, which can destroy the answer before the client reads it (RFC 9112 9.6: "close
-        the connection in stages"): so send FIN first, read and discard what the client still
-        sends until it closes too, for at most LINGER_SECONDS."""
+        the connection in stages"): so send FIN once the answer is written, then read and discard
+        what the client still sends until it closes too, for at most LINGER_SECONDS. A client
+        that stops reading the answer for SEND_STALL_SECONDS is cut."""
         self._input_closed = True
         self.closing = True
         transport = self.transport
         if transport is None:
             return
-        if not transport.can_write_eof():
-            transport.close()
-            return
-        self._lingering = True
-        transport.write_eof()
-        if self._reading_paused:
-            self._reading_paused = False
-            transport.resume_reading()
         self._deadline = None
         if self._timer is not None:
             self._timer.cancel()
-        self._timer = self._loop.call_later(LINGER_SECONDS, transport.abort)
+            self._timer = None
+        try:
+            if not transport.can_write_eof():
+                transport.close()
+                return
+            transport.write_eof()  # asyncio sends the FIN after what is still buffered
+        except OSError:
+            transport.abort()  # the client is gone already
+            return
+        if self._reading_paused:
+            self._reading_paused = False
+            transport.resume_reading()
+        self._linger_since = self._loop.time()
+        self._linger_buffered = transport.get_write_buffer_size()
+        self._timer = self._loop.call_later(_LINGER_TICK, self._linger_check)
+
+    def _linger_check(self) -> None:
+        self._timer = None
+        transport = self.transport
+        if transport is None:
+            return
+        now = self._loop.time()
+        buffered = transport.get_write_buffer_size()
+        if buffered == 0:
+            if self._linger_buffered:
+                self._linger_buffered = 0
+                self._linger_since = now  # all sent: the linger proper starts now
+            elif now - self._linger_since >= LINGER_SECONDS:
+                transport.abort()
+                return
+        elif buffered < self._linger_buffered:
+            self._linger_buffered = buffered
+            self._linger_since = now  # the client is reading, however slowly
+        elif now - self._linger_since >= SEND_STALL_SECONDS:
+            transport.abort()
+            return
+        self._timer = self._loop.call_later(_LINGER_TICK, self._linger_check)
 
     def close_now(self) -> None:
         """Close after what is already written, reading nothing more."""
@@ -640,19 +751,17 @@ class _Connection(asyncio.Protocol):
             self.transport.close()
 
     def abort(self) -> None:
-        """Drop the connection at once (a reset): for clients that broke a rule or a deadline."""
+        """Drop the connection at once (a reset)."""
         self._input_closed = True
         self.closing = True
         if self.transport is not None:
             self.transport.abort()
 
-    def close_if_idle(self) -> bool:
+    def close_if_idle(self) -> None:
         """For drain: close now if nothing is in progress, else after the current answer."""
         self.closing_after = True
-        if self._current is None and not self._queue:
+        if self._current is None and not self._queue and not self.closing:
             self._close_after_writes()
-            return True
-        return False
 
     # -- the deadline ------------------------------------------------------------------------------
 
@@ -677,8 +786,13 @@ class _Connection(asyncio.Protocol):
         self._deadline = None
         if self._current is None and not self._queue:
             # A head that did not complete in time (slowloris), or a kept-alive connection idle
-            # for too long: closed without an answer, as there is no request to answer.
-            self.close_now()
+            # for too long: closed without an answer, as there is no request to answer. An answer
+            # the client has not read yet still gets its chance (bounded) to go out.
+            transport = self.transport
+            if transport is not None and transport.get_write_buffer_size():
+                self._close_after_writes()
+            else:
+                self.close_now()
 
 
 _JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
@@ -714,7 +828,11 @@ class Listener:
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
-            conn.close_if_idle()
+            try:
+                conn.close_if_idle()
+            except Exception as exc:  # one connection's failure must not stop the drain of the rest
+                self.log.warning("could not close a connection", error=repr(exc))
+                conn.abort()
 
     async def close(self) -> None:
         """Drain, last step: cut whatever is still open and wait for its handlers to end."""
