@@ -449,7 +449,8 @@ def start_bare(env: Env, name: str, upstream: Target, label: str) -> Target:
     return Target(name, label, port, proc.pid, upstream.port, PROXY_CPU)
 
 
-def start_nginx(env: Env, name: str, upstream: Target) -> Target:
+def start_nginx(env: Env, name: str, upstream: Target,
+                label: str = "nginx (key map + proxy_pass, keepalive upstream)") -> Target:
     port = free_port()
     workdir = env.tmp / name
     workdir.mkdir()
@@ -469,7 +470,6 @@ def start_nginx(env: Env, name: str, upstream: Target) -> Target:
     wait_ready(env.procs, name, proc, lambda: http_status(port, "POST", "/mcp", auth, b"{}") == 200)
     if http_status(port, "POST", "/mcp", {}, b"{}") != 401:
         raise RuntimeError("nginx accepted a request without the key")
-    label = "nginx (key map + proxy_pass, keepalive upstream)"
     return Target(name, label, port, proc.pid, upstream.port, PROXY_CPU)
 
 
@@ -1031,12 +1031,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not args.no_mcp:
                 mcp = start_mcp_server(env, "mcp-direct")
                 env.targets["mcp-direct"] = mcp
+                # nginx in front of the same server: how much of "vs direct" any extra hop costs here.
+                env.targets["mcp-nginx"] = start_nginx(env, "mcp-nginx", mcp, "nginx -> MCP server")
                 env.targets["mcp-bare"] = start_bare(env, "mcp-bare", mcp, "bare aiohttp proxy -> MCP server")
                 if cli:
                     env.targets["mcp-sidecar"] = start_sidecar(
                         env, cli, "mcp-sidecar", mcp, "toolio-sidecar -> MCP server"
                     )
-                mcp_names = [n for n in ("mcp-direct", "mcp-bare", "mcp-sidecar") if n in env.targets]
+                mcp_names = [n for n in ("mcp-direct", "mcp-nginx", "mcp-bare", "mcp-sidecar") if n in env.targets]
             log(f"targets up: {', '.join(env.targets)}; temp dir {tmp.name}")
 
             rounds: list[Round] = []

@@ -11,17 +11,22 @@ tests/test_fuzz_listener.py, tests/test_listener.py):
   coding other than chunked, obs-fold, bare CR/LF, NUL and spaces before the colon; on top of
   it a request head is bounded (target, field, field count, total) and singleton fields
   (Host, Content-Length, Content-Type, ...) may appear once. Any of these: a JSON 400 (414/431
-  for sizes), then the connection is closed and nothing of it is dispatched;
+  for sizes; 501 for a coding before chunked, 417 for an unknown expectation, 505 for a version
+  other than HTTP/1.x), then the connection is closed and nothing of it is dispatched;
 * time: a request head must be complete within ``head_timeout`` of its first byte (of the
   connection, for the first one): slowloris; an idle kept-alive connection is closed after
   ``keepalive_timeout``;
-* one request at a time: pipelined requests wait their turn (reading pauses meanwhile), a
-  request body is buffered up to a high-water mark and then read only as it is consumed;
+* one request at a time, answers in order (RFC 9112 9.3.2): bytes behind a request that waits
+  its turn are held unparsed (bounded, as is the number of requests parsed ahead); reading pauses
+  only for back-pressure (a request body past its high-water mark, answers the client does not
+  read), so a client that goes away is noticed at once;
 * ``Expect: 100-continue`` is answered when the handler first reads the body, so a refused
   request never invites its body (RFC 9110 10.1.1);
 * a response is framed by Content-Length, chunked (HTTP/1.1) or by closing (HTTP/1.0); HEAD,
   204 and 304 carry no body (RFC 9110 6.4.1); write back-pressure pauses the handler;
 * a client that goes away cancels its handler at once (so the upstream request closes);
+* closing is staged (RFC 9112 9.6): FIN once the last answer is out, then what the client still
+  sends is read and dropped for a while, so a reset cannot destroy the answer;
 * drain: ``stop_accepting`` closes idle connections and lets in-flight ones finish, after which
   they close.
 """
@@ -359,6 +364,8 @@ class _Connection(asyncio.Protocol):
         self._reading_paused = False
         self.write_paused = False
         self._drain: asyncio.Future[None] | None = None
+        self._stall_timer: asyncio.TimerHandle | None = None
+        self._stall_buffered = 0
         self.closing = False
         self.closing_after = False  # the listener is draining: close after the current answer
         # One deadline and at most one timer (re-armed lazily): the head deadline while a head is
@@ -391,6 +398,9 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         cut = BodyError("the client closed the connection")
         for request in (self._parsing, self._current, *self._queue):
             if request is not None:
@@ -406,10 +416,31 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self.write_paused = True
+        if self.transport is not None and self._stall_timer is None:
+            self._stall_buffered = self.transport.get_write_buffer_size()
+            self._stall_timer = self._loop.call_later(SEND_STALL_SECONDS, self._stall_check)
         self.update_reading()
+
+    def _stall_check(self) -> None:
+        """A client that stops reading its answers (or its event stream) for SEND_STALL_SECONDS
+        is cut: its handler, upstream connection and buffers are not held for it forever."""
+        self._stall_timer = None
+        transport = self.transport
+        if not self.write_paused or transport is None or self.closing:
+            return
+        buffered = transport.get_write_buffer_size()
+        if buffered < self._stall_buffered:
+            self._stall_buffered = buffered  # it reads, however slowly
+            self._stall_timer = self._loop.call_later(SEND_STALL_SECONDS, self._stall_check)
+            return
+        self._server.log.warning("closed a connection whose client stopped reading", client=self.remote)
+        self.abort()
 
     def resume_writing(self) -> None:
         self.write_paused = False
+        if self._stall_timer is not None:
+            self._stall_timer.cancel()
+            self._stall_timer = None
         if self._drain is not None and not self._drain.done():
             self._drain.set_result(None)
         self._drain = None

@@ -1,4 +1,5 @@
-"""Running both listeners: connection guards, graceful drain on SIGTERM.
+"""Running both listeners (the public one is ``sidecar.listener``, the admin one aiohttp with a
+head deadline and JSON error pages), and the graceful drain on SIGTERM.
 
 Drain order (SPEC 5 readiness, issue "graceful drain"): readiness turns 503 at once; after a
 short delay (so the load balancer / kube-proxy stops sending new connections) the listeners

@@ -13,7 +13,13 @@ receives and, where it matters, the bytes the upstream actually received:
 * lingering close: a 413 reaches a client that is still sending;
 * back-pressure both ways: multi-megabyte streams arrive intact and are not buffered whole;
 * time: stray CRLFs do not stretch the head deadline;
-* drain: ``PublicServer.stop_accepting`` closes idle connections, lets in-flight ones finish.
+* drain: ``PublicServer.stop_accepting`` closes idle connections, lets in-flight ones finish;
+* review regressions, one test per fixed bug: answers a client never reads are not buffered
+  without bound, more than 16 pipelined heads get a 400, a client leaving input behind an open
+  stream still closes it upstream, the lingering close does not cut a slow reader, nothing is
+  answered after a closing answer, trailers are bounded, drain survives a reset connection,
+  requests before a malformed one are answered, every ``Expect`` line counts, other HTTP versions
+  get 505, and control bytes in an upstream reason phrase never reach the client.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import io
 import json
 import random
 import socket
+import struct
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -40,6 +47,7 @@ from hardening_support import (
     Sidecar,
     UpstreamConnection,
     closed_within,
+    exchange,
     hardening_settings,
     http_request,
     ok_response,
@@ -51,7 +59,9 @@ from hardening_support import (
     wait_for_condition,
 )
 
+from sidecar import listener as listener_module
 from sidecar.app import SidecarApps, create_app
+from sidecar.listener import Listener
 from sidecar.logs import JsonLog
 from sidecar.server import PublicServer
 from sidecar.settings import Settings
@@ -934,3 +944,325 @@ async def test_stop_accepting_closes_idle_connections_at_once_and_answers_the_in
                 idle_writer.close()
                 busy_writer.close()
     assert _request_lines(upstream) == [b"GET /first HTTP/1.1", b"GET /slow HTTP/1.1"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Review regressions: one test per fixed listener bug, each failing with the fix reverted
+
+
+def listener_of(public: PublicServer) -> Listener:
+    """The running listener behind ``public``, whose connections a test may inspect."""
+    listener = public._listener
+    assert listener is not None
+    return listener
+
+
+_SIXTY_KB_ANSWER = b'{"data":"' + b"d" * 60_000 + b'"}'  # answered in one write (the proxy's small path)
+
+
+async def test_client_that_pipelines_and_never_reads_does_not_make_the_sidecar_buffer_its_answers(
+        tmp_path: Path) -> None:
+    # For 2 s the client sends three requests every 20 ms and reads nothing: ~18 MB of answers
+    # (60 KB each). The sidecar must stop answering (and reading) once its write buffer is full,
+    # not go on forwarding requests and queueing their answers.
+    def respond(head: bytes) -> bytes:
+        return ok_response(_SIXTY_KB_ANSWER, [("X-Path", _target(head))])
+
+    async with recording_upstream(answer_raw(respond)) as upstream:
+        settings = hardening_settings(tmp_path, upstream.url, proxy={"header_timeout_seconds": 10,
+                                                                      "keepalive_timeout_seconds": 30})
+        async with public_server(settings) as (public, apps):
+            _, key = await apps.services.keys.create(name="flood", roles=["viewer"], actor="test", client=None)
+            # Each head carries padding, so that no single read holds more than 16 of them.
+            padding = [(f"X-Pad-{n}", "p" * 8000) for n in range(4)]
+            targets: list[str] = []
+            peak = 0
+            reader, writer = await connect_with_small_buffers(public.port)
+            try:
+                until = time.monotonic() + 2.0
+                while time.monotonic() < until:
+                    for _ in range(3):
+                        targets.append(f"/r{len(targets)}")
+                        writer.write(http_request("GET", targets[-1], [*bearer(key), *padding], close=False))
+                    await asyncio.sleep(0.02)
+                    for conn in listener_of(public).connections:
+                        assert conn.transport is not None
+                        peak = max(peak, conn.transport.get_write_buffer_size())
+                    assert peak < MB, f"the sidecar buffered {peak} bytes of answers nobody reads"
+                # Once the client reads, every request is answered, in order.
+                answers = [await read_response(reader) for _ in targets]
+            finally:
+                writer.close()
+    assert len(targets) > 150
+    assert [(r.status, r.fields.get("x-path")) for r in answers] == [(200, [target]) for target in targets]
+    assert all(r.body == _SIXTY_KB_ANSWER for r in answers)
+
+
+async def test_more_than_16_requests_pipelined_ahead_of_their_answers_get_16_answers_then_400(
+        sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    targets = [f"/p{n}" for n in range(20)]
+    packet = b"".join(http_request("GET", target, bearer(key), close=False) for target in targets)
+    raw, closed = await converse(sidecar.port, packet)
+    responses = parse_responses(raw)
+    assert [(r.status, r.fields.get("x-path")) for r in responses[:-1]] == [(200, [t]) for t in targets[:16]]
+    refusal = responses[-1]
+    assert refusal.status == 400, raw[-300:]
+    assert refusal.json()["error"] == "invalid_request"
+    assert refusal.fields.get("connection") == ["close"]
+    assert closed
+    assert _request_lines(upstream) == [f"GET {t} HTTP/1.1".encode() for t in targets[:16]]
+
+
+async def _sse_head_then_silence(conn: UpstreamConnection) -> None:
+    conn.completed.append(await read_request(conn.reader))
+    conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nCache-Control: no-cache\r\n"
+               b"Transfer-Encoding: chunked\r\n\r\n")
+    await asyncio.sleep(60)
+
+
+@pytest.mark.parametrize("behind", ["pipelined-request", "garbage"])
+async def test_client_leaving_with_input_behind_an_open_event_stream_closes_the_upstream_stream_at_once(
+        behind: str, tmp_path: Path) -> None:
+    async with recording_upstream(_sse_head_then_silence) as upstream, sidecar_for(tmp_path, upstream) as sidecar:
+        _, key = await sidecar.create_key("sse")
+        reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.port)
+        try:
+            writer.write(http_request("GET", "/sse", bearer(key), close=False))
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            assert len(sidecar.services.streams) == 1
+            writer.write(http_request("GET", "/next", bearer(key), close=False) if behind == "pipelined-request"
+                         else b"GARBAGE\r\n\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.2)  # read by the sidecar, waiting behind the stream
+        finally:
+            writer.close()
+        [conn] = upstream.connections
+        assert await wait_for_condition(conn.reader.at_eof, 1.0), "the upstream stream outlived its client"
+        assert await wait_for_condition(lambda: len(sidecar.services.streams) == 0, 1.0)
+    assert _request_lines(upstream) == [b"GET /sse HTTP/1.1"]  # the one behind it never went out
+
+
+async def test_large_answer_to_a_connection_close_request_reaches_a_slow_reader_complete(tmp_path: Path) -> None:
+    # A slow link, end to end: small kernel buffers on both sides (as a congested path leaves
+    # them), so the answer's tail is still in the sidecar's own buffer when its handler ends and the
+    # close begins. The client then pauses for longer than the linger (2 s). The linger must count
+    # from when the answer is out, not from when it was handed to the transport, or it cuts the
+    # answer short.
+    payload = random.Random(6379).randbytes(3 * MB)
+    response_bytes = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                      b"Content-Length: %d\r\n\r\n" % len(payload)) + payload
+
+    async def behaviour(conn: UpstreamConnection) -> None:
+        conn.completed.append(await read_request(conn.reader))
+        conn.write(response_bytes)
+        await asyncio.sleep(60)
+
+    async with recording_upstream(behaviour) as upstream:
+        settings = hardening_settings(tmp_path, upstream.url)
+        async with public_server(settings) as (public, apps):
+            _, key = await apps.services.keys.create(name="slow", roles=["viewer"], actor="test", client=None)
+            loop = asyncio.get_running_loop()
+            sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+            sock.setblocking(False)
+            received = bytearray()
+            left_in_sidecar = 0
+            try:
+                await loop.sock_connect(sock, (LOOPBACK, public.port))
+                assert await wait_for_condition(lambda: len(listener_of(public).connections) == 1, 2)
+                [conn] = listener_of(public).connections
+                assert conn.transport is not None
+                conn.transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+                await loop.sock_sendall(sock, http_request("GET", "/big", bearer(key)))
+                paused = False
+                async with asyncio.timeout(10):
+                    while data := await loop.sock_recv(sock, 65536):
+                        received += data
+                        if conn.closing and not paused:
+                            left_in_sidecar = conn.transport.get_write_buffer_size()
+                            paused = True
+                            await asyncio.sleep(2.5)
+            except ConnectionError:
+                pass  # a reset: the answer was cut, which the length check below reports
+            finally:
+                sock.close()
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ")
+    assert parse_fields(head).get("connection") == ["close"]
+    assert left_in_sidecar > 0  # the pause did fall while the sidecar still held part of the answer
+    assert len(body) == len(payload)
+    assert body == payload
+
+
+def _hello_world_slowly() -> Behaviour:
+    """A chunked answer whose second half comes 0.5 s after its first."""
+
+    async def behaviour(conn: UpstreamConnection) -> None:
+        conn.completed.append(await read_request(conn.reader))
+        conn.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"5\r\nhello\r\n")
+        await asyncio.sleep(0.5)
+        conn.write(b"6\r\n world\r\n0\r\n\r\n")
+        await asyncio.sleep(60)
+
+    return behaviour
+
+
+@pytest.mark.parametrize("arrival", ["same-packet", "while-answering"])
+@pytest.mark.parametrize("kind", ["http10-close-delimited", "http11-connection-close"])
+async def test_garbage_behind_a_closing_answer_never_gets_an_answer_of_its_own(
+        kind: str, arrival: str, tmp_path: Path) -> None:
+    async with recording_upstream(_hello_world_slowly()) as upstream, sidecar_for(tmp_path, upstream) as sidecar:
+        _, key = await sidecar.create_key("closing")
+        request = (f"GET /mcp HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n".encode()
+                   if kind == "http10-close-delimited" else http_request("GET", "/mcp", bearer(key)))
+        garbage = b"GARBAGE\r\n\r\n"
+        pieces = [request + garbage] if arrival == "same-packet" else [request, garbage]
+        raw = await exchange(sidecar.port, pieces, gap=0.2, wait=3)
+    assert raw.count(b"HTTP/1.1 ") == 1, raw
+    [response] = parse_responses(raw)
+    assert response.status == 200
+    assert response.fields.get("connection") == ["close"]
+    assert response.body == b"hello world"  # for HTTP/1.0, all up to the close: nothing appended
+    assert _request_lines(upstream) == [b"GET /mcp HTTP/1.1"]
+
+
+async def test_endless_trailer_field_on_a_chunked_body_is_cut_off_with_an_answer(
+        sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    # llhttp holds a trailer field whole until its line ends: without a bound of its own, the
+    # sidecar would keep taking it (into memory) for as long as the client kept sending. Here 4 MB
+    # of one unfinished trailer field must get an answer that ends the connection.
+    reader, writer = await asyncio.open_connection(LOOPBACK, sidecar.port)
+    try:
+        writer.write(f"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\n"
+                     "Transfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-Trailer: ".encode())
+        blob = b"t" * 65536
+        for _ in range(64):
+            try:
+                writer.write(blob)
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except (ConnectionError, TimeoutError):
+                break  # cut off while still sending: the answer, if any, is read below
+        response = await read_response(reader, within=3)
+        assert await closed_within(reader, 3.0)
+    finally:
+        writer.close()
+    assert response.status in (400, 431), response.head
+    assert response.json()["error"] in ("invalid_request", "request_header_fields_too_large")
+    assert response.fields.get("connection") == ["close"]
+    assert upstream.completed == []  # the body never counted as complete
+
+
+async def test_drain_survives_a_client_that_just_reset_its_idle_connection(tmp_path: Path) -> None:
+    async with recording_upstream(echo_path()) as upstream:
+        settings = hardening_settings(tmp_path, upstream.url, proxy={"header_timeout_seconds": 10,
+                                                                      "keepalive_timeout_seconds": 30})
+        async with public_server(settings) as (public, _):
+            loop = asyncio.get_running_loop()
+            socks: list[socket.socket] = []
+            try:
+                for _ in range(3):
+                    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                    socks.append(sock)
+                    sock.setblocking(False)
+                    await loop.sock_connect(sock, (LOOPBACK, public.port))
+                    await loop.sock_sendall(sock, http_request("GET", "/healthz", close=False))
+                    answer = await asyncio.wait_for(loop.sock_recv(sock, 65536), 5)
+                    assert answer.startswith(b"HTTP/1.1 200 ")  # then idle, kept alive
+                assert len(listener_of(public).connections) == 3
+                # One client resets its idle connection (SO_LINGER 0) just as the drain begins:
+                # the sidecar has not yet seen it go when it closes its idle connections.
+                gone = socks.pop(0)
+                gone.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                gone.close()
+                public.stop_accepting()
+                for sock in socks:
+                    assert await asyncio.wait_for(loop.sock_recv(sock, 65536), 1.0) == b""  # closed (FIN)
+                    sock.close()
+                # Each is gone from the listener once its client closed too, the reset one at once.
+                assert await wait_for_condition(lambda: not listener_of(public).connections, 1.0)
+            finally:
+                for sock in socks:
+                    sock.close()
+    assert upstream.received == b""
+
+
+async def test_valid_pipelined_requests_before_a_malformed_one_in_the_same_packet_are_answered_first(
+        sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    packet = (http_request("GET", "/one", bearer(key), close=False)
+              + http_request("POST", "/two", bearer(key), b"{}", close=False)
+              + b"GET /bad HTTP/1.1\r\nHost: x\r\nHost: y\r\n" + f"Authorization: Bearer {key}\r\n\r\n".encode())
+    raw, closed = await converse(sidecar.port, packet)
+    responses = parse_responses(raw)
+    assert [(r.status, r.fields.get("x-path")) for r in responses] == [(200, ["/one"]), (200, ["/two"]), (400, None)]
+    assert responses[-1].json()["error"] == "invalid_request"
+    assert closed
+    assert _request_lines(upstream) == [b"GET /one HTTP/1.1", b"POST /two HTTP/1.1"]  # /bad never
+
+
+@pytest.mark.parametrize("lines", [("100-continue", "something"), ("something", "100-continue")],
+                         ids=["continue-first", "continue-last"])
+async def test_an_unknown_expectation_on_a_second_expect_line_gets_417(
+        lines: tuple[str, str], sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    raw, closed = await converse(sidecar.port, (
+        f"POST /mcp HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nExpect: {lines[0]}\r\n"
+        f"Expect: {lines[1]}\r\nContent-Length: 2\r\n\r\n{{}}").encode())
+    assert_refused_as_json(raw, closed, 417, "expectation_failed")
+    assert upstream.received == b""
+
+
+@pytest.mark.parametrize("version", ["HTTP/2.0", "HTTP/0.9"])
+async def test_request_line_with_a_version_other_than_1x_gets_505_and_nothing_is_forwarded(
+        version: str, sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    raw, closed = await converse(sidecar.port, (
+        f"GET /mcp {version}\r\nHost: x\r\nAuthorization: Bearer {key}\r\n\r\n").encode())
+    assert_refused_as_json(raw, closed, 505, "http_version_not_supported")
+    assert upstream.received == b""
+
+
+@pytest.mark.parametrize(("status", "reason", "standard"), [(200, "O\x01K", "OK"), (404, "Not\x7fFound", "Not Found")])
+@pytest.mark.parametrize("shape", ["small", "streamed"])
+async def test_upstream_reason_phrase_with_a_control_byte_reaches_the_client_as_the_standard_one(
+        shape: str, status: int, reason: str, standard: str, tmp_path: Path) -> None:
+    def respond(_: bytes) -> bytes:
+        response = ok_response() if shape == "small" else streamed_response([b"a" * 100])
+        return f"HTTP/1.1 {status} {reason}".encode("latin-1") + response[response.index(b"\r\n"):]
+
+    async with recording_upstream(answer_raw(respond)) as upstream, sidecar_for(tmp_path, upstream) as sidecar:
+        _, key = await sidecar.create_key("reason")
+        raw, _ = await converse(sidecar.port, http_request("GET", "/r", bearer(key)))
+    assert raw.split(b"\r\n", 1)[0] == f"HTTP/1.1 {status} {standard}".encode()
+    [response] = parse_responses(raw)
+    assert response.status == status
+    assert response.complete
+
+
+async def test_client_that_stops_reading_an_answer_on_a_kept_alive_connection_is_cut_after_the_send_stall_bound(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(listener_module, "SEND_STALL_SECONDS", 1.0)  # 30 s is too long to wait here
+    response_bytes = (b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                      b"Content-Length: %d\r\n\r\n" % (16 * MB)) + b"s" * (16 * MB)
+
+    async def behaviour(conn: UpstreamConnection) -> None:
+        conn.completed.append(await read_request(conn.reader))
+        conn.write(response_bytes)
+        await asyncio.sleep(60)
+
+    async with recording_upstream(behaviour) as upstream:
+        settings = hardening_settings(tmp_path, upstream.url, proxy={"header_timeout_seconds": 1,
+                                                                      "keepalive_timeout_seconds": 1})
+        async with public_server(settings) as (public, apps):
+            _, key = await apps.services.keys.create(name="stall", roles=["viewer"], actor="test", client=None)
+            reader, writer = await connect_with_small_buffers(public.port)
+            try:
+                writer.write(http_request("GET", "/big", bearer(key), close=False))
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+                assert head.startswith(b"HTTP/1.1 200 ")
+                # The client reads nothing more: after the stall bound (and a linger) the sidecar
+                # must give up on it, and on its upstream stream.
+                assert await wait_for_condition(lambda: not listener_of(public).connections, 3.0)
+                [conn] = upstream.connections
+                assert await wait_for_condition(lambda: conn.transport.is_closing() or conn.reader.at_eof(), 1.0)
+            finally:
+                writer.close()
