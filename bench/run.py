@@ -306,6 +306,7 @@ class Run:
     cpu_us: float | None
     steal: float
     other: float
+    server_cpu_us: float | None = None  # the upstream server's CPU per request during the run
 
 
 @dataclass
@@ -342,6 +343,11 @@ def wrk(env: Env, target: str, script: Path, conns: int, duration: float, measur
     if env.pin:
         cmd = ["taskset", "-c", str(LOAD_CPU), *cmd]
     ensure_alive(env, t)
+    # The upstream server behind a proxy (a direct target of the same port), measured as well: in
+    # front of the MCP server, throughput follows the server's own CPU per call.
+    server = t if t.direct else next(
+        (x for x in env.targets.values() if x.direct and x.port == t.upstream_port), None)
+    s0 = cpu_ticks(server.pid) if server is not None else 0
     ticks0, m0 = cpu_ticks(t.pid), machine_sample(env)
     try:
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 30, check=True).stdout
@@ -349,6 +355,7 @@ def wrk(env: Env, target: str, script: Path, conns: int, duration: float, measur
         ensure_alive(env, t)
         raise RuntimeError(f"wrk failed against {target}: {exc.stdout}{exc.stderr}") from exc
     ticks1, m1 = cpu_ticks(t.pid), machine_sample(env)
+    s1 = cpu_ticks(server.pid) if server is not None else 0
     steal, other = machine_load(m0, m1, used_cpus(env, t))
 
     def num(pattern: str) -> str:
@@ -367,6 +374,7 @@ def wrk(env: Env, target: str, script: Path, conns: int, duration: float, measur
     if sock:
         errors += sum(int(x) for x in sock.groups())
     cpu_us = (ticks1 - ticks0) / CLK_TCK / requests * 1e6 if measure and requests else None
+    server_cpu_us = (s1 - s0) / CLK_TCK / requests * 1e6 if measure and requests and server is not None else None
     return Run(
         target=target,
         requests=requests,
@@ -377,6 +385,7 @@ def wrk(env: Env, target: str, script: Path, conns: int, duration: float, measur
         cpu_us=cpu_us,
         steal=steal,
         other=other,
+        server_cpu_us=server_cpu_us,
     )
 
 
@@ -450,7 +459,8 @@ def start_bare(env: Env, name: str, upstream: Target, label: str) -> Target:
 
 
 def start_nginx(env: Env, name: str, upstream: Target,
-                label: str = "nginx (key map + proxy_pass, keepalive upstream)") -> Target:
+                label: str = "nginx (key map + proxy_pass, keepalive upstream)",
+                headers: dict[str, str] | None = None, body: bytes = b"{}") -> Target:
     port = free_port()
     workdir = env.tmp / name
     workdir.mkdir()
@@ -466,9 +476,9 @@ def start_nginx(env: Env, name: str, upstream: Target,
     (workdir / "nginx.conf").write_text(conf)
     argv = ["nginx", "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-e", str(workdir / "error.log")]
     proc = env.procs.start(name, argv, PROXY_CPU)
-    auth = {"Authorization": f"Bearer {env.token}"}
-    wait_ready(env.procs, name, proc, lambda: http_status(port, "POST", "/mcp", auth, b"{}") == 200)
-    if http_status(port, "POST", "/mcp", {}, b"{}") != 401:
+    auth = {**(headers or {}), "Authorization": f"Bearer {env.token}"}
+    wait_ready(env.procs, name, proc, lambda: http_status(port, "POST", "/mcp", auth, body) == 200)
+    if http_status(port, "POST", "/mcp", {}, body) != 401:
         raise RuntimeError("nginx accepted a request without the key")
     return Target(name, label, port, proc.pid, upstream.port, PROXY_CPU)
 
@@ -629,8 +639,8 @@ def mcp_table(env: Env, rounds: list[Round], names: list[str]) -> str:
         f"tools/call (2026-07-28 stateless, JSON response), {env.args.mcp_connections} connections, "
         f"{env.args.duration:g} s runs; {note}.",
         "",
-        "| target | rps | vs direct | p50 ms | p50 added vs direct | CPU µs/req* | errors |",
-        "|---|---|---|---|---|---|---|",
+        "| target | rps | vs direct | p50 ms | p50 added vs direct | CPU µs/req* | server CPU µs/call | errors |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for n in names:
         runs = [r.runs[n] for r in good]
@@ -639,11 +649,12 @@ def mcp_table(env: Env, rounds: list[Round], names: list[str]) -> str:
         if env.targets[n].direct and cpus:
             cpu = f"({cpu} server)"
         added = [r.runs[n].p50_ms - r.runs["mcp-direct"].p50_ms for r in good if "mcp-direct" in r.runs]
+        server_cpus = [x.server_cpu_us for x in runs if x.server_cpu_us is not None]
         lines.append(
             f"| {n}: {env.targets[n].label} | {fmt(median([x.rps for x in runs]))} | "
             f"{ratio(good, n, 'mcp-direct')} | {fmt(median([x.p50_ms for x in runs]), '.2f')} | "
             f"{'-' if env.targets[n].direct else fmt(median(added), '+.2f') + ' ms'} | {cpu} | "
-            f"{sum(x.errors for x in runs)} |"
+            f"{fmt(median(server_cpus)) if server_cpus else '-'} | {sum(x.errors for x in runs)} |"
         )
     return "\n".join(lines)
 
@@ -912,6 +923,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--connections", type=int, default=64, help="wrk connections, trivial upstream (default 64)")
     p.add_argument("--mcp-connections", type=int, default=10, help="wrk connections, MCP server (default 10)")
+
     p.add_argument("--max-steal", type=float, default=5.0, help="discard rounds with more steal %% (default 5)")
     p.add_argument(
         "--max-other",
@@ -1032,7 +1044,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 mcp = start_mcp_server(env, "mcp-direct")
                 env.targets["mcp-direct"] = mcp
                 # nginx in front of the same server: how much of "vs direct" any extra hop costs here.
-                env.targets["mcp-nginx"] = start_nginx(env, "mcp-nginx", mcp, "nginx -> MCP server")
+                env.targets["mcp-nginx"] = start_nginx(env, "mcp-nginx", mcp, "nginx -> MCP server", MCP_HEADERS,
+                                                       (BENCH / "mcp_request.json").read_bytes())
                 env.targets["mcp-bare"] = start_bare(env, "mcp-bare", mcp, "bare aiohttp proxy -> MCP server")
                 if cli:
                     env.targets["mcp-sidecar"] = start_sidecar(
@@ -1049,6 +1062,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             mcp_rounds: list[Round] = []
             if mcp_names and args.rounds > 0:
                 body = (BENCH / "mcp_request.json").read_bytes()
+
                 mcp_rounds = run_rounds(env, mcp_names, body, MCP_HEADERS, args.mcp_connections)
                 sections.append(("In front of the real MCP SDK server", mcp_table(env, mcp_rounds, mcp_names)))
             if not args.no_sse:

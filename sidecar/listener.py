@@ -113,7 +113,7 @@ def _reason(status: int) -> str:
 
 
 class Request:
-    """One request: its head (as aiohttp's request exposes it, for the parts the sidecar reads),
+    """One request: its head (named as aiohttp's request names it, for the parts the sidecar reads),
     its body as it arrives, and the means to answer it exactly once."""
 
     __slots__ = ("_buffered", "_chunked_out", "_chunks", "_close", "_complete", "_conn", "_continue",

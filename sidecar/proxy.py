@@ -138,7 +138,7 @@ def request_head(method: str, target: str, authority: str, fields: list[tuple[st
     """The upstream request's head (RFC 9112 3, 5): request line, Host, ``fields``, the framing
     field, blank line. Field names and values came through the server's parser (llhttp rejects
     CR, LF and NUL in them) or are the sidecar's own, so nothing here can split the head.
-    utf-8 with surrogateescape reverses aiohttp's decoding: the client's bytes pass unchanged."""
+    utf-8 with surrogateescape reverses the listener's decoding: the client's bytes pass unchanged."""
     parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
     parts += [f"{name}: {value}\r\n" for name, value in fields]
     parts.append(framing)
@@ -335,8 +335,8 @@ class ProxyHandler:
         # a 2xx to it would turn the upstream connection into one.
         if request.method == "CONNECT":
             raise ProxyError(400, "invalid_request", "CONNECT is not supported")
-        # RFC 9112 3.2: a request whose Host is not a valid "uri-host [':' port]" MUST get a 400
-        # (aiohttp already refuses a missing or repeated Host). Ours is stricter than reg-name's
+        # RFC 9112 3.2: a request whose Host is missing (HTTP/1.1), repeated (the listener refuses
+        # that) or not a valid "uri-host [':' port]" MUST get a 400. Ours is stricter than reg-name's
         # sub-delims: the value is passed on in X-Forwarded-Host, where "," or ";" would read as a
         # list or a parameter to the upstream.
         host = request.headers.get("Host")
