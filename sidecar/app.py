@@ -227,9 +227,6 @@ class ProxyApp:
 
     def __init__(self, services: Services) -> None:
         self.services = services
-        self._discovery_body = json.dumps({
-            "error": "not_found",
-            "error_description": "This server uses API keys (Authorization: Bearer tak_...), not OAuth"}).encode()
 
     async def __call__(self, request: Request) -> None:
         method = request.method
@@ -250,7 +247,7 @@ class ProxyApp:
             request.respond(200, "OK", _JWKS_HEADERS, signer.jwks_body)
         elif path in DISCOVERY_PREFIXES or path.startswith(_DISCOVERY_TREES):
             # Any method: a probe is never forwarded upstream or answered with an auth challenge.
-            request.respond(404, "Not Found", _JSON, self._discovery_body)
+            request.respond(404, "Not Found", _JSON, _NOT_OAUTH)
         else:
             proxy = self.services.proxy
             assert proxy is not None
@@ -262,10 +259,9 @@ _JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
 _JWKS_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "public, max-age=300"))
 _OK = json.dumps({"status": "ok"}).encode()
 _NOT_FOUND = json.dumps({"error": "not_found", "error_description": "Not Found"}).encode()
-
-
-def create_proxy_app(services: Services) -> ProxyApp:
-    return ProxyApp(services)
+_NOT_OAUTH = json.dumps({
+    "error": "not_found",
+    "error_description": "This server uses API keys (Authorization: Bearer tak_...), not OAuth"}).encode()
 
 
 async def readyz(request: web.Request) -> web.Response:
@@ -303,7 +299,7 @@ def create_app(settings: Settings, *, log: JsonLog | None = None,
                registry: CollectorRegistry | None = None) -> SidecarApps:
     """Both applications, sharing one :class:`Services`; used by the CLI and every test."""
     services = Services(settings, log=log, registry=registry)
-    proxy = create_proxy_app(services)
+    proxy = ProxyApp(services)
     admin = create_ops_app(services)
     for install in admin_installers():
         install(admin, services)

@@ -40,7 +40,6 @@ from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from email.utils import formatdate
 from http import HTTPStatus
-from typing import Any
 from urllib.parse import unquote
 
 import httptools
@@ -849,10 +848,6 @@ class Listener:
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
-
-    @property
-    def sockets(self) -> list[Any]:
-        return list(self._server.sockets) if self._server is not None else []
 
     def stop_accepting(self) -> None:
         """Drain, step one: no new connections; idle ones close now, busy ones after their answer."""

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
 
@@ -30,6 +30,9 @@ from sidecar.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.principal import Principal
 from sidecar.settings import ProxySettings
 from sidecar.upstream import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
+
+if TYPE_CHECKING:
+    from aiohttp import web  # the error responses are built by sidecar.errors (shared with admin)
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward, plus the fields this
 # proxy owns itself: Host (the upstream's own, SPEC 3), Expect (100-continue is answered here)
@@ -256,7 +259,7 @@ class _ClosingError(ProxyError):
     """A refusal after which the connection's remaining bytes are not read: a body we cannot
     frame, or one we will not take (RFC 9110 15.5.14: on 413 the server MAY close the connection)."""
 
-    def response(self) -> Any:
+    def response(self) -> web.Response:
         response = super().response()
         response.force_close()
         return response
