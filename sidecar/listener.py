@@ -347,6 +347,8 @@ class _Connection(asyncio.Protocol):
         # The head being parsed.
         self._in_head = False
         self._head_bytes = 0  # bytes received outside bodies since the last head completed
+        self._read_spent = 0  # bytes of the current read that earlier messages took (as parsed)
+        self._head_from = -1  # where in the current read the head being parsed began, if it did
         self._since_body = 0  # bytes received inside a body since its last data (framing, trailers)
         self._head_size = 0  # the current head's target and fields, as parsed
         self._target: list[bytes] = []
@@ -475,6 +477,8 @@ class _Connection(asyncio.Protocol):
             self._head_bytes += len(data)
         else:
             self._since_body += len(data)
+        self._read_spent = 0
+        self._head_from = -1
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -492,6 +496,10 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError:
             self._refuse(400)
             return
+        if self._in_head and self._head_from >= 0:
+            # This head began inside this read, after an earlier message ended: the rest of the
+            # read is its (an over-estimate by that message's framing bytes, never an under-one).
+            self._head_bytes = len(data) - self._head_from
         if self._in_head and self._head_bytes > MAX_HEAD:
             self._refuse(431)
             return
@@ -504,6 +512,8 @@ class _Connection(asyncio.Protocol):
     # -- parser callbacks ------------------------------------------------------------------------
 
     def on_message_begin(self) -> None:
+        if self._read_spent:
+            self._head_from = self._read_spent
         self._in_head = True
         self._head_size = 0
         self._target = []
@@ -558,6 +568,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._read_spent += self._head_size + len(self._parser.get_method()) + 13  # request line, blank line
         self._head_bytes = 0
         self._since_body = 0
         parser = self._parser
@@ -586,6 +597,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, data: bytes) -> None:
         self._since_body = 0
+        self._read_spent += len(data)
         if self._parsing is not None:
             self._parsing._feed(data)
 

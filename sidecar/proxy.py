@@ -420,10 +420,18 @@ class ProxyHandler:
             # per-chunk machinery (PERFORMANCE.md: body streaming is ~17% of a bare proxy's cost).
             # Anything chunked, larger, or without a length streams chunk by chunk.
             # Usually the whole body came with the head: take it without a wait.
-            try:
-                data = request.take_body() if request.body_complete else await request.read_body()
-            except BodyError:
-                raise _MalformedBody() from None
+            if request.body_complete:
+                data = request.take_body()
+            else:
+                try:
+                    # Bounded like a streamed body is (by the upstream head deadline): a client that
+                    # stops sending mid-body must not hold the connection and handler for good.
+                    async with asyncio.timeout(self._head_timeout):
+                        data = await request.read_body()
+                except BodyError:
+                    raise _MalformedBody() from None
+                except TimeoutError:
+                    raise _ClosingError(408, "request_timeout", "The request body did not arrive in time") from None
             if len(data) != length:
                 raise _MalformedBody()
             framing = f"Content-Length: {length}\r\n"

@@ -325,3 +325,24 @@ async def test_session_bindings_expire_after_their_ttl(tmp_path: Path, session_u
         assert (await _call(sidecar, mallory, session))[0] == 403
         await asyncio.sleep(1.2)
         assert (await _call(sidecar, mallory, session))[0] == 200
+
+
+async def test_small_body_that_stops_arriving_gets_408_and_the_connection_closes(
+        tmp_path: Path, upstream: RecordingUpstream) -> None:
+    # The body is short and declared, so it is read whole before forwarding; a client that sends
+    # part of it and goes silent is answered once the upstream deadline passes (RFC 9110 15.5.9).
+    settings = hardening_settings(tmp_path, upstream.url, proxy={"upstream_timeout_seconds": 0.5,
+                                                                  "keepalive_timeout_seconds": 30})
+    async with running_sidecar(settings) as sidecar:
+        _, key = await sidecar.create_key("slow-body")
+        head = (f"POST /mcp HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {key}\r\n"
+                "Content-Type: application/json\r\nContent-Length: 100\r\n\r\n").encode()
+        started = time.monotonic()
+        raw = await exchange(sidecar.port, head + b'{"partial"', wait=5.0)
+        elapsed = time.monotonic() - started
+    [response] = parse_responses(raw)
+    assert response.status == 408
+    assert response.json()["error"] == "request_timeout"
+    assert response.fields.get("connection") == ["close"]
+    assert elapsed < 3.0, elapsed
+    assert upstream.received == b""

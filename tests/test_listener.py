@@ -603,6 +603,17 @@ async def test_head_over_64_kib_in_one_packet_gets_431_and_nothing_is_forwarded(
     assert upstream.received == b""
 
 
+async def test_unfinished_head_over_64_kib_behind_a_request_in_the_same_read_gets_431_after_its_answer(
+        sidecar: Sidecar, upstream: RecordingUpstream, key: str) -> None:
+    # The second head starts inside the read that ends the first request, and its one field never
+    # ends: its bytes in that read count toward the head bound too.
+    first = http_request("GET", "/healthz", [], close=False)
+    second = b"GET /big HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 120_000
+    raw = await exchange(sidecar.port, [first + second, b"aaaa"], gap=0.3, wait=2.0)
+    assert [r.status for r in parse_responses(raw)] == [200, 431]
+    assert upstream.received == b""
+
+
 @pytest.mark.parametrize(("first", "second"), [
     ("Content-Type: application/json", "Content-Type: text/plain"),
     ("Content-Type: application/json", "content-type: application/json"),
