@@ -16,7 +16,6 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any
-from urllib.parse import unquote
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
@@ -235,10 +234,7 @@ class ProxyApp:
             # the connection into one: no route takes it.
             request.respond(404, "Not Found", _JSON, _NOT_FOUND, close=True)
             return
-        target = request.raw_path
-        path = target.partition("?")[0].partition("#")[0]
-        if "%" in path:
-            path = unquote(path)  # routes match the decoded path, as any router's would
+        path = request.path  # decoded, without query or fragment: routes match it as any router's would
         if path == "/healthz" and method in ("GET", "HEAD"):
             request.respond(200, "OK", _JSON, _OK)
         elif path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
