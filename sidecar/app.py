@@ -12,8 +12,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from importlib.metadata import entry_points
 from typing import Any
 
@@ -23,7 +25,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from sidecar import state
 from sidecar.apikeys import KeyHasher
 from sidecar.assertion import Signer, load_signing_keys
-from sidecar.audit import AuditLog
+from sidecar.audit import KEY_EXPIRED, AuditLog
 from sidecar.auth import Authenticator, LastUsed
 from sidecar.cache import KeyCache
 from sidecar.errors import json_response
@@ -34,7 +36,7 @@ from sidecar.metrics import Metrics
 from sidecar.peers import ClientRequest
 from sidecar.proxy import ProxyHandler, SessionBindings, StreamRegistry
 from sidecar.settings import Settings
-from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore
+from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore, to_rfc3339, utcnow
 from sidecar.upstream import UpstreamPool
 
 # OAuth discovery probes (RFC 9728, RFC 8414, OIDC Discovery) answered with a JSON 404 so MCP
@@ -58,7 +60,7 @@ class Services:
         self.audit = AuditLog(self.store, self.log, self.metrics, settings.workspace)
         self.last_used = LastUsed()
         self.streams = StreamRegistry()
-        self.bindings = SessionBindings(settings.proxy.session_binding_max,
+        self.bindings = SessionBindings(self.store, settings.proxy.session_binding_max,
                                         settings.proxy.session_binding_ttl_seconds)
         self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.key_changed)
         self.signer: Signer | None = None
@@ -71,6 +73,7 @@ class Services:
         self._tasks: list[asyncio.Task[None]] = []
         self._revision = 0
         self._marker = 0
+        self._next_prune = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -153,6 +156,9 @@ class Services:
         batch = self.last_used.take()
         if batch:
             await self.store.touch_last_used(batch)
+        seen = self.bindings.take_seen()
+        if seen:
+            await self.store.touch_sessions(seen)
 
     async def poll_store(self) -> None:
         """Notice key changes made by another process (the CLI) within one poll interval."""
@@ -170,9 +176,30 @@ class Services:
         if self.pool is not None:
             self.pool.expire_idle()
         await run_scheduled_disables(self.keys, self.store)
+        await self._note_expiries()
+        now = time.monotonic()
+        if now >= self._next_prune:
+            ttl_seconds = self.settings.proxy.session_binding_ttl_seconds
+            self._next_prune = now + min(60.0, ttl_seconds)
+            ttl = timedelta(seconds=ttl_seconds)
+            await self.store.prune_sessions(utcnow() - ttl)
         await self.audit.flush_failures()
         await self.refresh_key_gauge()
         self.metrics.cache_size.set(len(self.cache))
+
+    async def _note_expiries(self) -> None:
+        """One ``key.expired`` audit event per expiry. The open requests of an expiring key are
+        cut by the stream registry's timer at ``expires_at``; this only records it, once across
+        every process sharing the store."""
+        for record in await self.store.due_expiries(utcnow()):
+            if record.workspace != self.settings.workspace:
+                continue
+            event = self.audit.event(KEY_EXPIRED, "scheduler", key_id=record.id, key_name=record.name,
+                                     details={"expires_at": to_rfc3339(record.expires_at)})
+            self.cache.invalidate(record.id)
+            self.streams.cut(record.id)
+            if await self.store.note_expired(record.id, event):
+                self.audit.emitted(event)
 
     async def refresh_key_gauge(self) -> None:
         for status, count in (await self.store.count_by_status(self.settings.workspace)).items():

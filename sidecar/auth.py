@@ -23,6 +23,7 @@ from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import unquote
 
 from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, key_digest, lookup_id_of, parse_key
 from sidecar.audit import AuditLog
@@ -66,6 +67,28 @@ class LastUsed:
 _KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{46}")
 
 
+# More rounds of percent-decoding than any client applies by accident; a target decoded this many
+# times without settling is refused as if it held a key.
+_MAX_DECODINGS = 8
+
+
+def _credential_in_query(query: str) -> bool:
+    """Does the query carry a key or an ``access_token``, at any depth of percent-encoding
+    (``tak_...``, ``tak%5F...``, ``tak%255F...``)? A key decoded once by one component and again
+    by another is the same key, so every depth is treated alike (and never forwarded)."""
+    for _ in range(_MAX_DECODINGS):
+        folded = query.replace("+", " ")
+        if "access_token" in folded or ("tak_" in folded and _KEY_IN_QUERY.search(folded)):
+            return True
+        if "%" not in query:
+            return False
+        decoded = unquote(query)
+        if decoded == query:
+            return False
+        query = decoded
+    return True
+
+
 _REFUSED_WITHOUT_GUESSING = frozenset({"disabled", "expired", "workspace"})
 
 
@@ -74,7 +97,7 @@ def bearer_token(request: ClientRequest) -> str:
     # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
     # histories) and say so, rather than silently ignoring it.
     query = request.query_string
-    if query and ("access_token" in query or ("tak_" in query and _KEY_IN_QUERY.search(query))):
+    if query and _credential_in_query(query):
         raise MalformedCredentials("API keys are accepted only in the Authorization header, "
                                    "never in the query string")
     values = request.headers.getall("Authorization", ())

@@ -64,9 +64,12 @@ MAX_HELD = 64 * 1024
 BODY_HIGH_WATER = 256 * 1024
 # Fields that must not repeat: a second value makes the request ambiguous to whoever reads it
 # next (RFC 9112 3.2 for Host; RFC 9110 8.3 and 8.6 for the content fields).
+# Mcp-Session-Id too: the sidecar checks the session's owner on one value, and an upstream that
+# reads another copy of a repeated field would act on a session that was never checked.
 _SINGLETONS = frozenset({b"host", b"content-type", b"content-length", b"content-location", b"content-range",
-                         b"max-forwards"})
+                         b"max-forwards", b"mcp-session-id"})
 _NO_BODY_STATUS = frozenset({204, 304})
+_OWS = (b" ", b"\t")
 
 Dispatch = Callable[["Request"], Awaitable[None]]
 
@@ -538,6 +541,11 @@ class _Connection(asyncio.Protocol):
             return
         size = len(name) + len(value)
         self._head_size += size + 4
+        # RFC 9112 5 / RFC 9110 5.5: whitespace around a field value is not part of it. llhttp
+        # drops the leading OWS only; the trailing OWS goes here, for every field, so that what
+        # the sidecar checks (a session's owner, a key) is exactly what the upstream will read.
+        if value[-1:] in _OWS:
+            value = value.rstrip(b" \t")
         if size > MAX_FIELD or len(self._fields) >= MAX_FIELDS or self._head_size > MAX_HEAD:
             raise _Refusal(431)  # RFC 6585 5
         lower = name.lower()

@@ -16,6 +16,7 @@ import re
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
 from cachetools import TTLCache
@@ -29,6 +30,7 @@ from sidecar.metrics import Metrics
 from sidecar.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.principal import Principal
 from sidecar.settings import ProxySettings
+from sidecar.store import KeyStore, utcnow
 from sidecar.upstream import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
@@ -183,14 +185,28 @@ class StreamRegistry:
         # key id -> when it was last cut (perf_counter): a request whose authentication began
         # before that moment must not start forwarding afterwards (see was_cut_since).
         self._cut_at: dict[str, float] = {}
+        # key id -> the timer that cuts its requests when the key expires (one per key with
+        # requests in flight): an expired key's open stream ends within 1 s of expires_at,
+        # as a disabled key's does.
+        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
 
-    def add(self, key_id: str, task: asyncio.Task[object]) -> None:
+    def add(self, key_id: str, task: asyncio.Task[object], deadline: float | None = None) -> None:
+        """Track ``task`` as in flight for ``key_id``; ``deadline`` (epoch seconds) is when the
+        key stops authenticating (expiry or scheduled disable): its requests are cut then."""
         tasks = self._by_key.get(key_id)
         if tasks is None:
             tasks = self._by_key[key_id] = set()
         tasks.add(task)
         self._count += 1
         self.idle.clear()
+        if deadline is not None and key_id not in self._expiry_timers:
+            loop = asyncio.get_running_loop()
+            delay = max(0.0, deadline - time.time())
+            self._expiry_timers[key_id] = loop.call_at(loop.time() + delay, self._expired, key_id)
+
+    def _expired(self, key_id: str) -> None:
+        self._expiry_timers.pop(key_id, None)
+        self.cut(key_id)
 
     def discard(self, key_id: str, task: asyncio.Task[object]) -> None:
         tasks = self._by_key.get(key_id)
@@ -199,6 +215,9 @@ class StreamRegistry:
             self._count -= 1
             if not tasks:
                 del self._by_key[key_id]
+                timer = self._expiry_timers.pop(key_id, None)
+                if timer is not None:
+                    timer.cancel()
             if self._count == 0:
                 self.idle.set()
         self.cut_tasks.discard(task)
@@ -233,22 +252,39 @@ class StreamRegistry:
 
 class SessionBindings:
     """Mcp-Session-Id -> the key id that opened it (MCP security best practices: bind sessions
-    to the caller). Bounded and expiring; an entry is refreshed by use."""
+    to the caller). The store holds the bindings, so they survive restarts and hold on every
+    replica sharing it; a binding is made once, when the upstream issues the id, and never moves
+    to another key. Owners read once are remembered here: a binding never changes, so a cached
+    owner cannot go stale, and an active session costs no store read per request."""
 
-    def __init__(self, maxsize: int, ttl: float) -> None:
+    def __init__(self, store: KeyStore, maxsize: int, ttl: float) -> None:
+        self._store = store
+        # Forgotten here no later than the store's pruning forgets them (see Services).
         self._owners: TTLCache[str, str] = TTLCache(maxsize, ttl, timer=time.monotonic)
+        self._seen: dict[str, float] = {}
 
-    def owner(self, session_id: str) -> str | None:
+    async def owner(self, session_id: str) -> str | None:
         owner = self._owners.get(session_id)
+        if owner is None:
+            owner = await self._store.session_owner(session_id)
+            if owner is not None:
+                self._owners[session_id] = owner
         if owner is not None:
-            self._owners[session_id] = owner  # refreshed by use: an active session never lapses
+            self._seen[session_id] = time.time()
         return owner
 
-    def bind(self, session_id: str, key_id: str) -> None:
-        self._owners[session_id] = key_id
+    async def bind(self, session_id: str, key_id: str) -> str:
+        """Bind (unless bound already) and return the owner."""
+        owner = self._owners.get(session_id)
+        if owner is None:
+            owner = await self._store.bind_session(session_id, key_id, utcnow())
+            self._owners[session_id] = owner
+        return owner
 
-    def forget(self, session_id: str) -> None:
-        self._owners.pop(session_id, None)
+    def take_seen(self) -> dict[str, datetime]:
+        """Last-use times since the previous call, for one batched store write."""
+        seen, self._seen = self._seen, {}
+        return {k: datetime.fromtimestamp(t, UTC) for k, t in seen.items()}
 
 
 class _BodyTooLarge(Exception):
@@ -363,7 +399,7 @@ class ProxyHandler:
         # request after a disable is rejected).
         task: asyncio.Task[object] | None = asyncio.current_task()
         assert task is not None
-        self._streams.add(principal.key_id, task)
+        self._streams.add(principal.key_id, task, principal.deadline)
         try:
             await self._forward_registered(request, principal, outcome, started, task)
         finally:
@@ -376,14 +412,25 @@ class ProxyHandler:
             raise InvalidToken("disabled")
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is not None:
-            owner = self._bindings.owner(session_id)
-            if owner is not None and owner != principal.key_id:
+            # Only sessions issued through this sidecar (and bound in the store before their id
+            # reached the client) are forwarded. An id nobody was issued is never passed on, so no
+            # spelling the upstream might read as another key's session can reach it; 404 is what
+            # the MCP transport (Streamable HTTP, session management) answers for an unknown
+            # session, and tells the client to start a new one.
+            try:
+                owner = await self._bindings.owner(session_id)
+            except Exception:
+                raise ProxyError(503, "store_unavailable", "Cannot check the MCP session; retry") from None
+            if owner is None:
+                raise ProxyError(404, "session_not_found", "Unknown MCP session; start a new one")
+            if owner != principal.key_id:
                 raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
-        path_qs = request.raw_path
         pool = self._pool
+        # htu is the target the upstream receives: the upstream's base path + the client's target.
+        target = pool.base_path + request.raw_path
         fields = upstream_header_lines(
             request.headers.items(), principal=principal,
-            assertion=self._signer.sign(principal, request.method, path_qs),
+            assertion=self._signer.sign(principal, request.method, target),
             peer=request.remote or "unknown", peer_trusted=is_trusted(request.remote, self._trusted),
             proto=request.scheme, host=request.host,
         )
@@ -438,7 +485,7 @@ class ProxyHandler:
         else:
             data = body()
             framing = "Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n"
-        head = request_head(method, pool.base_path + path_qs, pool.authority, fields, framing)
+        head = request_head(method, target, pool.authority, fields, framing)
         up: UpstreamResponse | None = None
         try:
             sent = time.perf_counter()
@@ -450,9 +497,17 @@ class ProxyHandler:
             self._metrics.upstream_head_seconds.observe(time.perf_counter() - sent)
             new_session = up.header(SESSION_HEADER)
             if new_session is not None:
-                self._bindings.bind(new_session, principal.key_id)
-            if method == "DELETE" and session_id is not None and 200 <= up.status < 300:
-                self._bindings.forget(session_id)
+                new_session = new_session.strip(" \t")
+            if new_session and new_session != session_id:
+                # Bound durably before the client learns the id, so a next request through any
+                # replica finds the binding. An id already bound to another key is not handed
+                # out to this one.
+                try:
+                    owner = await self._bindings.bind(new_session, principal.key_id)
+                except Exception:
+                    raise ProxyError(503, "store_unavailable", "Cannot record the MCP session; retry") from None
+                if owner != principal.key_id:
+                    raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
             await self._relay(request, up, outcome)
         except asyncio.CancelledError:
             if task in self._streams.cut_tasks:

@@ -146,6 +146,14 @@ class KeyStore(ABC):
     async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]: ...
 
     @abstractmethod
+    async def due_expiries(self, now: datetime) -> list[KeyRecord]:
+        """Keys whose ``expires_at`` has passed and whose expiry has no audit event yet."""
+
+    @abstractmethod
+    async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
+        """Write the expiry's audit event unless another process already did; True if written."""
+
+    @abstractmethod
     async def update_hash(self, key_id: str, key_hash: str) -> None: ...
 
     @abstractmethod
@@ -167,6 +175,25 @@ class KeyStore(ABC):
 
     @abstractmethod
     async def count_by_status(self, workspace: str) -> dict[str, int]: ...
+
+    # MCP session bindings (MCP security best practices: bind a session to its caller). Kept in
+    # the store so that a binding holds after a restart and on every replica sharing the store.
+
+    @abstractmethod
+    async def bind_session(self, session_id: str, key_id: str, now: datetime) -> str:
+        """Bind ``session_id`` to ``key_id`` unless it is bound already; an existing binding is
+        never moved. Returns the owner: the existing one, or ``key_id``."""
+
+    @abstractmethod
+    async def session_owner(self, session_id: str) -> str | None: ...
+
+    @abstractmethod
+    async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
+        """Record when bound sessions were last used (batched by the caller)."""
+
+    @abstractmethod
+    async def prune_sessions(self, older_than: datetime) -> int:
+        """Forget bindings not used since ``older_than``; returns how many."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,6 +241,18 @@ MIGRATIONS: tuple[str, ...] = (
         BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
     CREATE TABLE counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO counters (name, value) VALUES ('revision', 0);
+    """,
+    """
+    CREATE TABLE session_bindings (
+        session_id TEXT PRIMARY KEY,
+        key_id     TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        seen_at    TEXT NOT NULL
+    );
+    CREATE INDEX session_bindings_seen ON session_bindings (seen_at);
+    -- Set once the key.expired audit event of a key's expiry is written (exactly one per expiry).
+    ALTER TABLE keys ADD COLUMN expiry_noted INTEGER NOT NULL DEFAULT 0;
+    CREATE INDEX keys_expires_at ON keys (expires_at) WHERE expires_at IS NOT NULL AND expiry_noted = 0;
     """,
 )
 
@@ -400,6 +439,28 @@ class SQLiteKeyStore(KeyStore):
         ) as cur:
             return [_key_from_row(row) for row in await cur.fetchall()]
 
+    async def due_expiries(self, now: datetime) -> list[KeyRecord]:
+        async with self.db.execute(
+            f"SELECT {_KEY_COLUMNS} FROM keys WHERE expires_at IS NOT NULL AND expiry_noted = 0 "
+            "AND expires_at <= ?", (to_rfc3339(now),)
+        ) as cur:
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                cur = await self.db.execute(
+                    "UPDATE keys SET expiry_noted = 1 WHERE id = ? AND expiry_noted = 0", (key_id,))
+                noted = cur.rowcount > 0
+                if noted:
+                    await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return noted
+
     async def update_hash(self, key_id: str, key_hash: str) -> None:
         async with self._lock:
             await self.db.execute("UPDATE keys SET key_hash = ? WHERE id = ?", (key_hash, key_id))
@@ -476,6 +537,52 @@ class SQLiteKeyStore(KeyStore):
             for status, count in await cur.fetchall():
                 counts[str(status)] = int(count)
             return counts
+
+
+    async def bind_session(self, session_id: str, key_id: str, now: datetime) -> str:
+        stamp = to_rfc3339(now)
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                # INSERT OR IGNORE: the first binding wins and is never replaced.
+                await self.db.execute(
+                    "INSERT OR IGNORE INTO session_bindings (session_id, key_id, created_at, seen_at) "
+                    "VALUES (?, ?, ?, ?)", (session_id, key_id, stamp, stamp))
+                async with self.db.execute("SELECT key_id FROM session_bindings WHERE session_id = ?",
+                                           (session_id,)) as cur:
+                    row = await cur.fetchone()
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        assert row is not None
+        return str(row[0])
+
+    async def session_owner(self, session_id: str) -> str | None:
+        async with self.db.execute("SELECT key_id FROM session_bindings WHERE session_id = ?",
+                                   (session_id,)) as cur:
+            row = await cur.fetchone()
+        return str(row[0]) if row is not None else None
+
+    async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
+        if not seen:
+            return
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.executemany(
+                    "UPDATE session_bindings SET seen_at = MAX(seen_at, ?) WHERE session_id = ?",
+                    [(to_rfc3339(when), session_id) for session_id, when in seen.items()])
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+
+    async def prune_sessions(self, older_than: datetime) -> int:
+        async with self._lock:
+            cur = await self.db.execute("DELETE FROM session_bindings WHERE seen_at < ?",
+                                        (to_rfc3339(older_than),))
+            return int(cur.rowcount)
 
 
 def _split_sql(script: str) -> list[str]:

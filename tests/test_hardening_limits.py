@@ -301,7 +301,7 @@ async def test_session_issued_through_the_sidecar_is_bound_to_the_key_that_opene
         assert len(session_upstream.completed) == forwarded + 1
 
 
-async def test_session_bindings_are_bounded_and_evict_the_oldest(
+async def test_session_bindings_beyond_the_memory_bound_are_still_enforced_from_the_store(
         tmp_path: Path, session_upstream: RecordingUpstream) -> None:
     settings = hardening_settings(tmp_path, session_upstream.url, proxy={"session_binding_max": 3})
     async with running_sidecar(settings) as sidecar:
@@ -309,22 +309,30 @@ async def test_session_bindings_are_bounded_and_evict_the_oldest(
         _, mallory = await sidecar.create_key("mallory")
         sessions = [(await _call(sidecar, alice))[1] for _ in range(10)]
         assert len(set(sessions)) == 10
-        # Only the newest three are remembered (memory is bounded by session_binding_max) ...
-        for session in sessions[-3:]:
+        forwarded = len(session_upstream.completed)
+        # Memory holds the newest three; the store holds every binding, so an evicted one is
+        # still Alice's and never becomes Mallory's.
+        for session in sessions:
             assert (await _call(sidecar, mallory, session))[0] == 403
-        # ... the oldest were evicted; the sidecar no longer knows them (the upstream decides).
-        assert (await _call(sidecar, mallory, sessions[0]))[0] == 200
+        assert len(session_upstream.completed) == forwarded
+        assert await _call(sidecar, alice, sessions[0]) == (200, sessions[0])
 
 
-async def test_session_bindings_expire_after_their_ttl(tmp_path: Path, session_upstream: RecordingUpstream) -> None:
-    settings = hardening_settings(tmp_path, session_upstream.url, proxy={"session_binding_ttl_seconds": 1})
+async def test_session_bindings_unused_for_their_ttl_are_forgotten_and_never_forwarded(
+        tmp_path: Path, session_upstream: RecordingUpstream) -> None:
+    settings = hardening_settings(tmp_path, session_upstream.url, proxy={"session_binding_ttl_seconds": 1},
+                                  auth={"last_used_flush_seconds": 0.2})
     async with running_sidecar(settings) as sidecar:
         _, alice = await sidecar.create_key("alice")
         _, mallory = await sidecar.create_key("mallory")
         _, session = await _call(sidecar, alice)
         assert (await _call(sidecar, mallory, session))[0] == 403
-        await asyncio.sleep(1.2)
-        assert (await _call(sidecar, mallory, session))[0] == 200
+        await asyncio.sleep(2.5)
+        forwarded = len(session_upstream.completed)
+        # Forgotten, it is nobody's: the MCP transport's 404 for an unknown session, for both.
+        assert (await _call(sidecar, mallory, session))[0] == 404
+        assert (await _call(sidecar, alice, session))[0] == 404
+        assert len(session_upstream.completed) == forwarded
 
 
 async def test_small_body_that_stops_arriving_gets_408_and_the_connection_closes(

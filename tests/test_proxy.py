@@ -376,8 +376,11 @@ async def test_session_is_bound_to_the_key_that_opened_it(sidecar: RunningSideca
         async with http.post(sidecar.proxy_url + "/mcp", headers=bearer(owner) | session) as resp:
             assert resp.status == 200
         async with http.post(sidecar.proxy_url + "/mcp", headers=bearer(other) | {"Mcp-Session-Id": "fresh"}) as resp:
-            assert resp.status == 200  # unknown ids are the upstream's to judge
-    assert len(echo.requests) == 3
+            # An id nobody was issued is never forwarded: the MCP transport's answer for an
+            # unknown session, which tells the client to start a new one.
+            assert resp.status == 404
+            assert (await resp.json())["error"] == "session_not_found"
+    assert len(echo.requests) == 2
 
 
 @pytest.mark.parametrize(("method", "target", "extra"), [
