@@ -155,7 +155,10 @@ class Access:
     def _is_own_origin(self, origin: str, request: web.BaseRequest) -> bool:
         # RFC 6454: compare scheme and host[:port] with what this request was sent to. Behind a
         # TLS-terminating proxy the browser's scheme is https while ours is http.
-        parts = urlsplit(origin.strip())
+        try:
+            parts = urlsplit(origin.strip())
+        except ValueError:  # e.g. "http://[::1": an unclosed IPv6 literal (RFC 3986 3.2.2)
+            return False
         if parts.scheme not in ("http", "https") or not parts.netloc or parts.path:
             return False
         schemes = {request.scheme}

@@ -8,6 +8,7 @@ HTTP into its calls and its results into the JSON the OpenAPI document describes
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -25,6 +26,9 @@ from sidecar.store import DISABLED, ENABLED, KeyRecord, to_rfc3339
 API = "/admin/api"
 AUDIT_DEFAULT_LIMIT = 50
 AUDIT_MAX_LIMIT = 500
+# A query integer is ASCII digits only: str.isdigit() and int() also accept "²" or "١٢". At most
+# 18 digits, so every accepted value fits SQLite's 64-bit integers.
+_QUERY_INT = re.compile(r"[0-9]{1,18}")
 
 
 async def read_object(request: web.Request, allowed: Collection[str], *, empty_ok: bool = False) -> dict[str, Any]:
@@ -39,7 +43,11 @@ async def read_object(request: web.Request, allowed: Collection[str], *, empty_o
         return {}
     try:
         body = json.loads(raw)
-    except (UnicodeDecodeError, ValueError):
+    except RecursionError:
+        # json's decoder recurses once per nesting level: "[[[[...", well inside the size
+        # bound, would otherwise end in a 500 (RFC 8259 9 lets a parser limit nesting depth).
+        raise ApiError(400, "invalid_json", "the request body is nested too deeply") from None
+    except ValueError:  # also UnicodeDecodeError, and integers too long to convert
         raise ApiError(400, "invalid_json", "the request body is not valid JSON") from None
     if not isinstance(body, dict):
         raise ApiError(422, "invalid_body", "the request body must be a JSON object")
@@ -55,7 +63,7 @@ def _query_int(request: web.Request, name: str, default: int | None, minimum: in
     text = request.query.get(name)
     if text is None or text == "":
         return default
-    if not text.isdigit() or len(text) > 18:
+    if not _QUERY_INT.fullmatch(text):
         raise ApiError(400, "invalid_parameter", f"{name} must be a whole number", name)
     value = int(text)
     if value < minimum or (maximum is not None and value > maximum):

@@ -125,6 +125,10 @@ class SessionApi:
         token = body.get("key")
         if not isinstance(token, str) or not token:
             raise ApiError(422, "missing_field", "key (an admin API key, tak_...) is required", "key")
+        # A JSON "\ud800" escape decodes to a lone surrogate, which no key contains and which has
+        # no UTF-8 form (RFC 8259 8.2); swap such code points for "?" so the attempt is refused
+        # and counted like any other wrong key instead of failing on the way to the digest.
+        token = token.encode("utf-8", "replace").decode("utf-8")
         audit = self._services.audit
         client = self._access.client(request)
         try:

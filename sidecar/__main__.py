@@ -6,7 +6,8 @@
     toolio-sidecar keys rotate ID --name NEW [--disable-old-at T] [--json]
     toolio-sidecar demo
 
-Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config.
+Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config. Every
+refusal is one line on stderr (``--json``: one JSON object), never a traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +16,11 @@ import argparse
 import asyncio
 import json
 import os
+import re
+import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
@@ -28,12 +31,35 @@ from sidecar.keys import KeyManager, key_json
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.settings import CONFIG_ENV, Settings, SettingsError, load_settings
-from sidecar.store import DISABLED, ENABLED, SQLiteKeyStore
+from sidecar.store import DISABLED, ENABLED, SQLiteKeyStore, StoreError
+
+# Key ids are "key_" + base62 (sidecar.keys.new_key_id). Anything outside this is a usage error
+# (status 2) rather than an unknown id (status 1), and never reaches the store: SQLite cannot
+# even bind a string holding the lone surrogates that undecodable argv bytes become (PEP 383).
+_KEY_ID_ARG = re.compile(r"[A-Za-z0-9_-]{1,128}")
+_PORT_ARG = re.compile(r"[0-9]{1,5}")
+
+
+def _one_line(text: str) -> str:
+    """``text`` with line breaks, other control characters and lone surrogates escaped."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line on stderr (status 2, as argparse's own)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _port(text: str) -> int:
+    if not _PORT_ARG.fullmatch(text) or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"not a TCP port (0-65535): {text!r}")
+    return int(text)
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="toolio-sidecar",
-                                     description="API-key auth sidecar for Toolio's MCP server.")
+    parser = _Parser(prog="toolio-sidecar", description="API-key auth sidecar for Toolio's MCP server.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -43,7 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 
     with_config(commands.add_parser("serve", help="run the proxy and admin listeners"))
     demo = with_config(commands.add_parser("demo", help="example MCP server + sidecar + keys, ready to try"))
-    demo.add_argument("--port", type=int, default=8080, help="public port (admin is port + 1010)")
+    demo.add_argument("--port", type=_port, default=8080, help="public port (admin is port + 1010)")
     demo.add_argument("--once", action="store_true", help="set up, self-check, print, and exit")
 
     keys = commands.add_parser("keys", help="manage API keys directly in the store").add_subparsers(
@@ -64,15 +90,26 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _load(path: str) -> Settings:
+    try:
+        return load_settings(path, os.environ)
+    except UnicodeDecodeError:  # tomllib reads UTF-8 only and says so with this, not TOMLDecodeError
+        raise SettingsError("config", f"{path} is not UTF-8 text") from None
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    path = args.config or os.environ.get(CONFIG_ENV) or "config.toml"
-    return load_settings(path, os.environ)
+    return _load(args.config or os.environ.get(CONFIG_ENV) or "config.toml")
 
 
 async def _with_manager(settings: Settings,
                         action: Callable[[KeyManager], Awaitable[int]]) -> int:
     store = SQLiteKeyStore(settings.database_path)
-    await store.open()
+    try:
+        await store.open()
+    except (OSError, sqlite3.Error, StoreError) as exc:
+        # data_dir is a file, not writable, or holds something that is not this store.
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise SettingsError("data_dir", f"cannot open the store {settings.database_path}: {reason}") from None
     try:
         # Audit rows go to the store; the CLI's stdout is for the command's own output.
         log = JsonLog(stream=sys.stderr, level="warning")
@@ -92,8 +129,18 @@ def _print_key(data: dict[str, Any], as_json: bool) -> None:
         print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
 
 
+def _refuse(exc: ApiError, as_json: bool) -> int:
+    message = {"error": exc.code, "message": exc.description, "field": exc.field, **exc.extra}
+    print(json.dumps(message) if as_json else f"error: {_one_line(exc.description)}", file=sys.stderr)
+    return 2 if exc.status in (400, 413, 422) else 1
+
+
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     as_json: bool = args.json
+    key_id: object = getattr(args, "id", None)
+    if isinstance(key_id, str) and not _KEY_ID_ARG.fullmatch(key_id):
+        return _refuse(ApiError(422, "invalid_id", "id must be a key id (key_ followed by letters and digits), "
+                                                   f"not {key_id!r}", "id"), as_json)
 
     async def run(manager: KeyManager) -> int:
         verb = args.keys_command
@@ -132,9 +179,10 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
     try:
         return asyncio.run(_with_manager(settings, run))
     except ApiError as exc:
-        message = {"error": exc.code, "message": exc.description, "field": exc.field, **exc.extra}
-        print(json.dumps(message) if as_json else f"error: {exc.description}", file=sys.stderr)
-        return 2 if exc.status in (400, 413, 422) else 1
+        return _refuse(exc, as_json)
+    except SettingsError as exc:
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -145,15 +193,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         roles = None
         if args.config:  # optional for the demo: only its roles are used (the rest is the demo's)
             try:
-                roles = load_settings(args.config, os.environ).roles
+                roles = _load(args.config).roles
             except SettingsError as exc:
-                print(f"toolio-sidecar: {exc}", file=sys.stderr)
+                print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
                 return 2
         return run_demo(port=args.port, once=args.once, roles=roles)
     try:
         settings = _settings(args)
     except SettingsError as exc:
-        print(f"toolio-sidecar: {exc}", file=sys.stderr)
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     if args.command == "serve":
         from sidecar.server import serve
@@ -161,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             asyncio.run(serve(settings))
         except SettingsError as exc:  # e.g. an unreadable signing key found at start-up
-            print(f"toolio-sidecar: {exc}", file=sys.stderr)
+            print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
             return 2
         return 0
     return _keys(args, settings)

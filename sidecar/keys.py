@@ -76,19 +76,35 @@ def validate_roles(roles: object, settings: Settings) -> tuple[str, ...]:
     return tuple(sorted(set(roles)))
 
 
+# RFC 3339 5.6 date-time: ASCII digits only (``\d`` would also take other scripts' digits) and a
+# required time zone, "Z" or a numeric offset.
+_DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]+)?"
+                        r"(?:[Zz]|[+-][0-9]{2}:[0-9]{2})")
+
+
 def parse_time(value: object, field: str, *, future: bool = True) -> datetime | None:
+    """An RFC 3339 date-time as an aware UTC datetime, or the 422 naming ``field``.
+
+    Every way a value can be wrong ends in :class:`ApiError`: not a string, not the RFC 3339
+    shape, not a real time (month 13, second 60, offset 24:00), outside what ``datetime`` can hold
+    once converted to UTC (``9999-12-31T23:59:59-01:00``, ``0001-01-01T00:00:00+01:00``), or, with
+    ``future``, not after now.
+    """
     if value is None:
         return None
     if not isinstance(value, str):
         raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time string", field)
     text = value.strip()
-    # RFC 3339 5.6 requires a time zone: "Z" or an offset.
-    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d+)?([Zz]|[+-]\d{2}:\d{2})", text):
-        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time with a time zone", field)
+    if not _DATE_TIME.fullmatch(text):
+        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time with a time zone, "
+                                            "e.g. 2030-01-31T12:00:00Z", field)
     try:
-        parsed = datetime.fromisoformat(text.replace("z", "Z").replace("Z", "+00:00")).astimezone(UTC)
+        parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00")).astimezone(UTC)
     except ValueError:
         raise ApiError(422, "invalid_time", f"{field} is not a valid date-time", field) from None
+    except OverflowError:
+        raise ApiError(422, "invalid_time", f"{field} is outside the supported range "
+                                            "(years 0001-9999 in UTC)", field) from None
     if future and parsed <= datetime.now(UTC):
         raise ApiError(422, "invalid_time", f"{field} must be in the future", field)
     return parsed

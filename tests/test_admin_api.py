@@ -14,6 +14,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from admin_support import (
@@ -775,3 +776,135 @@ async def test_session_expires_at_the_absolute_timeout_even_when_used(tmp_path: 
         await asyncio.sleep(0.6)
         status, _, _ = await sc.call("GET", "/keys", auth=False, headers=jar)
     assert status == 401
+
+
+# ---- malformed input is a 4xx naming the field, never a 500 ------------------------------------
+
+JSON_TYPE = {"Content-Type": "application/json"}
+
+
+def _no_500_logged(sc: Sidecar) -> None:
+    # The admin middleware turns any unexpected exception into a 500 and logs it.
+    assert [line for line in sc.log_lines() if line.get("message") == "admin request failed"] == []
+
+
+async def test_query_integers_are_ascii_digits_only(tmp_path: Path) -> None:
+    # str.isdigit() is true for "²" (int() then raises) and for "١٢" (int() reads 12).
+    async with running_sidecar(tmp_path) as sc:
+        for name in ("limit", "before"):
+            # superscript two, Arabic-Indic 12, fullwidth 1, Persian 3, 1 + superscript two,
+            # Arabic-Indic 0, mathematical bold 9
+            for value in ("\u00b2", "\u0661\u0662", "\uff11", "\u06f3", "1\u00b2", "\u0660", "\U0001d7d7"):
+                status, body, resp = await sc.call("GET", f"/audit?{name}={quote(value)}")
+                assert status == 400, (name, value, body)
+                assert (body["error"], body["field"]) == ("invalid_parameter", name)
+                assert resp.content_type == "application/json"
+        assert (await sc.call("GET", "/audit?limit=12&before=999999999999999999"))[0] == 200
+        _no_500_logged(sc)
+
+
+DEEP_BODIES = {
+    "arrays": b"[" * 30_000 + b"]" * 30_000,
+    "objects": b'{"a":' * 10_000 + b"1" + b"}" * 10_000,
+    "inside a member": b'{"name": ' + b"[" * 5_000 + b"]" * 5_000 + b"}",
+    "just deep enough": b"[" * 1_100 + b"]" * 1_100,
+}
+
+
+@pytest.mark.parametrize("path", ["/session", "/keys", "/keys/{id}/rotate", "/keys/{id}/disable",
+                                  "/keys/{id}/enable"])
+async def test_deeply_nested_json_is_400_invalid_json(tmp_path: Path, path: str) -> None:
+    # json.loads recurses per level: a body of brackets well inside 64 KiB reached RecursionError.
+    # The login endpoint parses its body before any key is checked.
+    async with running_sidecar(tmp_path) as sc:
+        url = path.format(id=sc.admin_key_id)
+        for label, data in DEEP_BODIES.items():
+            status, body, _ = await sc.call("POST", url, data=data, headers=JSON_TYPE, auth=path != "/session")
+            assert (status, body["error"]) == (400, "invalid_json"), label
+        # 100,000 deep is over the body bound: refused before it is parsed.
+        status, body, _ = await sc.call("POST", url, data=b"[" * 100_000 + b"]" * 100_000, headers=JSON_TYPE,
+                                        auth=path != "/session")
+        assert (status, body["error"]) == (413, "body_too_large")
+        _, me, _ = await sc.call("GET", f"/keys/{sc.admin_key_id}")
+        assert me["status"] == "enabled"
+        _no_500_logged(sc)
+
+
+BAD_TIMES: list[Any] = [
+    # Valid RFC 3339, but outside datetime's years 1-9999 once converted to UTC (OverflowError).
+    "9999-12-31T23:59:59-23:59", "9999-12-31T23:59:59-00:01", "0001-01-01T00:00:00+01:00",
+    # In range but in the past.
+    "0001-01-01T00:00:00Z", "0001-01-01T00:00:00-23:59", "1970-01-01T00:00:00Z",
+    # Not the shape: five-digit or signed years, other scripts' digits, no zone.
+    "+10000-01-01T00:00:00Z", "10000-01-01T00:00:00Z", "\u0662\u0669\u0669\u0669-01-01T00:00:00Z",
+    "\uff12\uff19\uff19\uff19-01-01T00:00:00Z",
+    "2999-01-01T00:00:00", "",
+    # The shape, but no such time.
+    "2999-12-31T23:59:60Z", "2999-02-30T00:00:00Z", "2999-01-01T24:00:00Z", "2999-01-01T00:00:00+24:00",
+    # Not strings.
+    0, 32503680000, 1.5, float("nan"), float("inf"), True, False, [], ["2999-01-01T00:00:00Z"], {"at": 1},
+]
+
+
+async def test_every_bad_expiry_is_422_naming_the_field_on_create_and_on_rotate(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path) as sc:
+        old = await sc.create_key("old", ["viewer"])
+        for value in BAD_TIMES:
+            status, body, _ = await sc.call("POST", "/keys", json_body={"name": "new", "roles": ["viewer"],
+                                                                        "expires_at": value})
+            assert (status, body["error"], body["field"]) == (422, "invalid_time", "expires_at"), (value, body)
+            assert_matches("Error", body)
+            status, body, _ = await sc.call("POST", f"/keys/{old['id']}/rotate",
+                                            json_body={"name": "new", "disable_old_at": value})
+            assert (status, body["error"], body["field"]) == (422, "invalid_time", "disable_old_at"), (value, body)
+        _, listed, _ = await sc.call("GET", "/keys")
+        assert [k["name"] for k in listed["keys"]] == ["ops", "old"]
+        _no_500_logged(sc)
+
+
+async def test_expiry_at_the_top_of_the_range_and_long_fractions_are_accepted(tmp_path: Path) -> None:
+    async with running_sidecar(tmp_path) as sc:
+        for name, value, stored in [
+            ("last", "9999-12-31T23:59:59Z", "9999-12-31T23:59:59.000Z"),
+            ("last-east", "9999-12-31T23:59:59+23:59", "9999-12-31T00:00:59.000Z"),
+            ("nanos", "9999-12-31T23:59:59.999999999Z", "9999-12-31T23:59:59.999Z"),
+            ("long", "2999-01-01T00:00:00." + "9" * 2000 + "Z", "2999-01-01T00:00:00.999Z"),
+            ("lower", "2999-01-01t00:00:00z", "2999-01-01T00:00:00.000Z"),
+        ]:
+            status, created, _ = await sc.call("POST", "/keys", json_body={"name": name, "roles": ["viewer"],
+                                                                           "expires_at": value})
+            assert status == 201, (value, created)
+            assert created["expires_at"] == stored
+            assert await sc.proxy_status(created["key"]) != 401  # not taken for expired
+        _no_500_logged(sc)
+
+
+async def test_a_login_key_with_lone_surrogates_is_a_failed_login(tmp_path: Path) -> None:
+    # JSON "\ud800" escapes decode to lone surrogates, which have no UTF-8 form.
+    async with running_sidecar(tmp_path) as sc:
+        for data in (b'{"key": "\\ud800"}', b'{"key": "tak_\\udfff\\ud800' + b"A" * 44 + b'"}',
+                     b'{"key": "\\udcff"}'):
+            status, body, resp = await sc.call("POST", "/session", data=data, headers=JSON_TYPE, auth=False)
+            assert (status, body["error"], body["field"]) == (401, "invalid_key", "key"), data
+            assert "Set-Cookie" not in resp.headers
+        _, audit, _ = await sc.call("GET", "/audit")
+        failed = [e for e in audit["events"] if e["action"] == "admin.login_failed"]
+        assert len(failed) == 3
+        _no_500_logged(sc)
+
+
+@pytest.mark.parametrize("origin", ["http://[::1", "http://]", "https://[zz]", "http://a]b"])
+async def test_an_unparsable_origin_is_cross_site(tmp_path: Path, origin: str) -> None:
+    # urlsplit raises ValueError on a broken IPv6 literal; that must not become a 500, neither
+    # on the unauthenticated login nor on a cookie-authenticated write.
+    async with running_sidecar(tmp_path) as sc:
+        status, body, cookie = await sc.login(headers={"Origin": origin})
+        assert (status, body["error"]) == (403, "cross_site_request")
+        assert cookie is None
+        _, session, cookie = await sc.login()
+        assert cookie is not None
+        status, body, _ = await sc.call("POST", "/keys", auth=False, json_body={"name": "x", "roles": ["viewer"]},
+                                        headers={**sc.cookie_header(cookie), "Origin": origin,
+                                                 "X-CSRF-Token": session["csrf_token"]})
+        assert (status, body["error"]) == (403, "cross_site_request")
+        _no_500_logged(sc)
