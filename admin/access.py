@@ -24,11 +24,13 @@ from urllib.parse import urlsplit
 from aiohttp import web
 
 from admin.session import CSRF_HEADER, Session, SessionStore
-from sidecar.app import Services
-from sidecar.auth import Authenticator
-from sidecar.errors import ApiError, MissingCredentials, RateLimited, SidecarError, json_response
-from sidecar.principal import Principal
-from sidecar.store import DISABLED
+from sidecar.errors import ApiError, MissingCredentials, RateLimited, SidecarError
+from sidecar.gate.authenticator import Authenticator
+from sidecar.gate.principal import Principal
+from sidecar.keys.errors import KeyDomainError, KeyNotFound, NameTaken
+from sidecar.keys.records import DISABLED
+from sidecar.runtime.services import Services
+from sidecar.runtime.web import error_response, json_response
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
@@ -43,10 +45,18 @@ class Caller:
     session: Session | None = None
 
 
-def error_response(exc: SidecarError) -> web.Response:
+def api_error(exc: KeyDomainError) -> ApiError:
+    """A key-domain refusal as the admin API answers it."""
+    status = 404 if isinstance(exc, KeyNotFound) else 409 if isinstance(exc, NameTaken) else 422
+    return ApiError(status, exc.code, exc.message, exc.field, exc.extra)
+
+
+def api_error_response(exc: SidecarError | KeyDomainError) -> web.Response:
     """Any sidecar error in the admin API's shape ``{"error", "message"[, "field"]}``."""
+    if isinstance(exc, KeyDomainError):
+        exc = api_error(exc)
     if isinstance(exc, ApiError):
-        resp = exc.response()
+        resp = error_response(exc)
     else:
         code = "unauthorized" if isinstance(exc, MissingCredentials) else exc.code
         resp = json_response(exc.status, {"error": code, "message": exc.description})

@@ -18,10 +18,11 @@ from aiohttp import web
 
 from admin.access import Access
 from admin.openapi import openapi_document
-from sidecar.app import Services
-from sidecar.errors import ApiError, json_response
-from sidecar.keys import key_json
-from sidecar.store import DISABLED, ENABLED, KeyRecord, to_rfc3339
+from sidecar.errors import ApiError
+from sidecar.keys.manager import key_json
+from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339
+from sidecar.runtime.services import Services
+from sidecar.runtime.web import json_response
 
 API = "/admin/api"
 AUDIT_DEFAULT_LIMIT = 50

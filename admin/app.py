@@ -1,6 +1,6 @@
 """The admin listener's key-management routes: the JSON API, login sessions and the page.
 
-``install(app, services)`` adds to the ops app (``sidecar.app.create_ops_app``):
+``install(app, services)`` adds to the ops app (``sidecar.runtime.ops_app.create_ops_app``):
 
 * one middleware for everything under ``/admin``: JSON errors (also for aiohttp's own 404 /
   405 / 413), ``Cache-Control: no-store`` and the page's security headers;
@@ -16,13 +16,15 @@ from importlib import resources
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from admin.access import Access, error_response
+from admin.access import Access, api_error_response
 from admin.api import API, KeyApi, read_object
 from admin.session import SessionStore
-from sidecar.apikeys import KeyFormatError, parse_key, preview
-from sidecar.app import Services
-from sidecar.audit import ADMIN_LOGIN, ADMIN_LOGIN_FAILED, ADMIN_LOGOUT
-from sidecar.errors import ApiError, AuthError, RateLimited, SidecarError, json_response
+from sidecar.errors import ApiError, AuthError, RateLimited, SidecarError
+from sidecar.keys.audit import ADMIN_LOGIN, ADMIN_LOGIN_FAILED, ADMIN_LOGOUT
+from sidecar.keys.errors import KeyDomainError
+from sidecar.keys.format import KeyFormatError, parse_key, preview
+from sidecar.runtime.services import Services
+from sidecar.runtime.web import json_response
 
 PREFIX = "/admin"
 
@@ -86,8 +88,8 @@ def _middleware(services: Services) -> Middleware:
             return await handler(request)
         try:
             resp = await handler(request)
-        except SidecarError as exc:
-            resp = error_response(exc)
+        except (SidecarError, KeyDomainError) as exc:
+            resp = api_error_response(exc)
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise

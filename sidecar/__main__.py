@@ -20,18 +20,21 @@ import re
 import sqlite3
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
-from sidecar.apikeys import KeyHasher
-from sidecar.audit import AuditLog
-from sidecar.errors import ApiError
-from sidecar.keys import KeyManager, key_json
+from sidecar.keys.audit import AuditLog
+from sidecar.keys.errors import InvalidInput, KeyDomainError
+from sidecar.keys.format import KeyHasher
+from sidecar.keys.manager import KeyManager, key_json
+from sidecar.keys.records import DISABLED, ENABLED
+from sidecar.keys.store.base import StoreError
+from sidecar.keys.store.sqlite import SQLiteKeyStore
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.settings import CONFIG_ENV, Settings, SettingsError, load_settings
-from sidecar.store import DISABLED, ENABLED, SQLiteKeyStore, StoreError
 
 # Key ids are "key_" + base62 (sidecar.keys.new_key_id). Anything outside this is a usage error
 # (status 2) rather than an unknown id (status 1), and never reaches the store: SQLite cannot
@@ -129,17 +132,17 @@ def _print_key(data: dict[str, Any], as_json: bool) -> None:
         print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
 
 
-def _refuse(exc: ApiError, as_json: bool) -> int:
-    message = {"error": exc.code, "message": exc.description, "field": exc.field, **exc.extra}
-    print(json.dumps(message) if as_json else f"error: {_one_line(exc.description)}", file=sys.stderr)
-    return 2 if exc.status in (400, 413, 422) else 1
+def _refuse(exc: KeyDomainError, as_json: bool) -> int:
+    message = {"error": exc.code, "message": exc.message, "field": exc.field, **exc.extra}
+    print(json.dumps(message) if as_json else f"error: {_one_line(exc.message)}", file=sys.stderr)
+    return 2 if isinstance(exc, InvalidInput) else 1
 
 
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     as_json: bool = args.json
     key_id: object = getattr(args, "id", None)
     if isinstance(key_id, str) and not _KEY_ID_ARG.fullmatch(key_id):
-        return _refuse(ApiError(422, "invalid_id", "id must be a key id (key_ followed by letters and digits), "
+        return _refuse(InvalidInput("invalid_id", "id must be a key id (key_ followed by letters and digits), "
                                                    f"not {key_id!r}", "id"), as_json)
 
     async def run(manager: KeyManager) -> int:
@@ -178,18 +181,35 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
 
     try:
         return asyncio.run(_with_manager(settings, run))
-    except ApiError as exc:
+    except KeyDomainError as exc:
         return _refuse(exc, as_json)
     except SettingsError as exc:
         print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
         return 2
 
 
+def _demo_command() -> Callable[..., int] | None:
+    """The ``demo`` command, joined through an entry point as the admin package is: the demo
+    builds on the sidecar, never the other way round. None (with a one-line message) when the
+    distribution or the ``[demo]`` extra is missing."""
+    found = [entry for entry in entry_points(group="toolio_sidecar.commands") if entry.name == "demo"]
+    try:
+        if not found:
+            raise ImportError("no 'toolio_sidecar.commands' entry point named demo")
+        command: Callable[..., int] = found[0].load()
+    except ImportError as exc:
+        print(f"toolio-sidecar: the demo needs the demo extra: pip install 'toolio-sidecar[demo]' ({exc})",
+              file=sys.stderr)
+        return None
+    return command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "demo":
-        from sidecar.demo import run_demo
-
+        run_demo = _demo_command()
+        if run_demo is None:
+            return 2
         roles = None
         if args.config:  # optional for the demo: only its roles are used (the rest is the demo's)
             try:
@@ -204,7 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        from sidecar.server import serve
+        from sidecar.runtime.server import serve
 
         try:
             asyncio.run(serve(settings))

@@ -8,12 +8,18 @@
     │   └── RateLimited           429 + Retry-After
     ├── ProxyError                the proxy's own refusals and upstream failures
     │                             (400 / 403 / 413 / 502 / 503 / 504)
-    └── ApiError                  admin API: {"error": code, "message": text, "field": name}
-        └── NameTaken             409
+    └── ApiError                  admin API: {"error": code, "message": text, "field": name};
+                                  the key domain's own refusals (sidecar.keys.errors) become
+                                  ApiErrors at the admin API's boundary (422 / 404 / 409)
 
 Proxy-side bodies use the OAuth shape ``{"error", "error_description"}`` so that MCP clients
-which understand RFC 6750 read them; admin bodies use ``{"error", "message"}`` (SPEC 5). No
-error body ever contains a key, a header value from the client or an identity header.
+which understand RFC 6750 read them; admin bodies use ``{"error", "message"}``
+(docs/reference/admin-api.md). No error body ever contains a key, a header value from the
+client or an identity header.
+
+Each error renders to ``(status, headers, body bytes)`` with no web framework involved; each
+front end (the public listener, the admin listener's aiohttp app) turns that into its own
+response, once, at its boundary.
 """
 
 from __future__ import annotations
@@ -21,21 +27,35 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from aiohttp import web
-
 REALM = "toolio"
+Fields = list[tuple[str, str]]
+JSON_FIELDS: tuple[tuple[str, str], ...] = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
+
+
+def json_body(body: dict[str, Any]) -> bytes:
+    return json.dumps(body).encode()
 
 
 class SidecarError(Exception):
     status = 500
     code = "internal_error"
+    # After this answer the connection is closed and nothing more of it read (a body that cannot
+    # be framed, or one the sidecar will not take: RFC 9110 15.5.14).
+    close = False
 
     def __init__(self, description: str) -> None:
         super().__init__(description)
         self.description = description
 
-    def response(self) -> web.Response:
-        return json_response(self.status, {"error": self.code, "error_description": self.description})
+    def body(self) -> dict[str, Any]:
+        return {"error": self.code, "error_description": self.description}
+
+    def headers(self) -> Fields:
+        return []
+
+    def render(self) -> tuple[int, Fields, bytes]:
+        """The answer: status, header fields (JSON content type included), body bytes."""
+        return self.status, [*JSON_FIELDS, *self.headers()], json_body(self.body())
 
 
 class AuthError(SidecarError):
@@ -46,10 +66,8 @@ class AuthError(SidecarError):
     def www_authenticate(self) -> str:
         return f'Bearer realm="{REALM}", error="{self.code}", error_description="{self.description}"'
 
-    def response(self) -> web.Response:
-        resp = super().response()
-        resp.headers["WWW-Authenticate"] = self.www_authenticate()
-        return resp
+    def headers(self) -> Fields:
+        return [("WWW-Authenticate", self.www_authenticate())]
 
 
 class MissingCredentials(AuthError):
@@ -60,11 +78,12 @@ class MissingCredentials(AuthError):
     def __init__(self, description: str = "An API key is required: Authorization: Bearer tak_...") -> None:
         super().__init__(description)
 
-    def response(self) -> web.Response:
+    def body(self) -> dict[str, Any]:
+        return {"error": "unauthorized", "error_description": self.description}
+
+    def www_authenticate(self) -> str:
         # RFC 6750 3.1: a request with no credentials gets no error code in the challenge.
-        resp = json_response(self.status, {"error": "unauthorized", "error_description": self.description})
-        resp.headers["WWW-Authenticate"] = f'Bearer realm="{REALM}"'
-        return resp
+        return f'Bearer realm="{REALM}"'
 
 
 class MalformedCredentials(AuthError):
@@ -92,17 +111,16 @@ class RateLimited(AuthError):
         super().__init__("Too many failed authentication attempts; retry later")
         self.retry_after = retry_after
 
-    def response(self) -> web.Response:
-        resp = json_response(self.status, {"error": self.code, "error_description": self.description})
-        resp.headers["Retry-After"] = str(self.retry_after)
-        return resp
+    def headers(self) -> Fields:
+        return [("Retry-After", str(self.retry_after))]
 
 
 class ProxyError(SidecarError):
-    def __init__(self, status: int, code: str, description: str) -> None:
+    def __init__(self, status: int, code: str, description: str, *, close: bool = False) -> None:
         super().__init__(description)
         self.status = status
         self.code = code
+        self.close = close
 
 
 class ApiError(SidecarError):
@@ -116,21 +134,10 @@ class ApiError(SidecarError):
         self.field = field
         self.extra = extra or {}
 
-    def response(self) -> web.Response:
+    def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"error": self.code, "message": self.description}
         if self.field is not None:
             body["field"] = self.field
         body.update(self.extra)
-        return json_response(self.status, body)
+        return body
 
-
-class NameTaken(ApiError):
-    def __init__(self, name: str) -> None:
-        super().__init__(409, "name_taken", f"a key named {name!r} already exists in this workspace", "name")
-
-
-def json_response(status: int, body: dict[str, Any], headers: dict[str, str] | None = None) -> web.Response:
-    resp = web.Response(status=status, body=json.dumps(body).encode(), content_type="application/json",
-                        headers=headers)
-    resp.headers["Cache-Control"] = "no-store"
-    return resp

@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:
-    from sidecar.upstream import UpstreamPool
+    from sidecar.http.client import UpstreamPool
 
 PREFIX = "toolio_sidecar_"
 METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")

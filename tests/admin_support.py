@@ -23,9 +23,11 @@ from openapi_schema_validator import OAS31Validator
 
 from admin.openapi import openapi_document
 from admin.session import COOKIE_NAME, SECURE_COOKIE_NAME
-from sidecar.app import Services, create_app
 from sidecar.logs import JsonLog
-from sidecar.server import PublicServer, runner_for
+from sidecar.runtime.admin_runner import runner_for
+from sidecar.runtime.apps import create_app
+from sidecar.runtime.server import PublicServer
+from sidecar.runtime.services import Services
 from sidecar.settings import Settings, settings_from_mapping
 
 ROLES: dict[str, Any] = {

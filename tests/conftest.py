@@ -3,7 +3,7 @@
 * ``config``: :class:`ConfigFactory` (data dir under ``tmp_path``; argon2 at 1 MiB / t=1 so
   tests stay fast; roles ``viewer``, ``org-admin``, ``writer``);
 * ``start_sidecar``: ``await start_sidecar(settings)`` runs ``create_app(settings)`` on free
-  ports through ``sidecar.server.PublicServer`` / ``runner_for`` and returns a :class:`RunningSidecar`;
+  ports through ``sidecar.runtime.server.PublicServer`` / ``runner_for`` and returns a :class:`RunningSidecar`;
 * ``echo``: a recording aiohttp upstream (:class:`EchoUpstream`);
 * ``mcp_upstream``: the bundled example MCP server (official SDK) base URL;
 * ``sidecar``: a sidecar in front of ``echo`` with the default test settings.

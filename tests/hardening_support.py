@@ -30,13 +30,15 @@ from typing import Any
 
 from aiohttp import web
 
-from sidecar.apikeys import ALPHABET, LOOKUP_LEN, PREFIX, SECRET_LEN, checksum
-from sidecar.app import Services, SidecarApps, create_app
+from sidecar.keys.format import ALPHABET, LOOKUP_LEN, PREFIX, SECRET_LEN, checksum
+from sidecar.keys.records import KeyRecord
 from sidecar.logs import JsonLog
-from sidecar.proxy import IDENTITY_HEADERS
-from sidecar.server import PublicServer, runner_for
+from sidecar.proxy.headers import IDENTITY_HEADERS
+from sidecar.runtime.admin_runner import runner_for
+from sidecar.runtime.apps import SidecarApps, create_app
+from sidecar.runtime.server import PublicServer
+from sidecar.runtime.services import Services
 from sidecar.settings import Settings, settings_from_mapping
-from sidecar.store import KeyRecord
 
 LOOPBACK = "127.0.0.1"
 IDENTITY_NAMES_LOWER = tuple(name.lower() for name in IDENTITY_HEADERS)

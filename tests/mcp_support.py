@@ -1,6 +1,6 @@
 """Helpers for tests that speak MCP: an example upstream on a free port and a connected client.
 
-* :func:`example_upstream` runs ``sidecar.example_server`` in the test's event loop and yields
+* :func:`example_upstream` runs ``demo.server`` in the test's event loop and yields
   its base URL (``http://127.0.0.1:<port>``, no path; the MCP endpoint is ``<base>/mcp``).
 * :func:`mcp_client` yields a connected official ``mcp.Client`` whose every HTTP request
   (POSTs, the 2025-era GET stream, the closing DELETE) carries ``Authorization: Bearer <token>``.
@@ -24,7 +24,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.types import CallToolResult
 
-from sidecar.example_server import MCP_PATH, ExampleServerHandle
+from demo.server import MCP_PATH, ExampleServerHandle
 
 __all__ = [
     "MCP_PATH",

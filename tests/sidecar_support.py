@@ -21,11 +21,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from sidecar.app import Services, SidecarApps, create_app
+from sidecar.keys.records import DISABLED, ENABLED, KeyRecord
 from sidecar.logs import JsonLog
-from sidecar.server import PublicServer, runner_for
+from sidecar.runtime.admin_runner import runner_for
+from sidecar.runtime.apps import SidecarApps, create_app
+from sidecar.runtime.server import PublicServer
+from sidecar.runtime.services import Services
 from sidecar.settings import Settings, settings_from_mapping
-from sidecar.store import DISABLED, ENABLED, KeyRecord
 
 ROLES: dict[str, dict[str, Any]] = {
     "viewer": {"description": "Read planning data", "permissions": ["plans:read"]},

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from sidecar_support import ConfigFactory, RunningSidecar, SidecarStarter, bearer, client_session
 
-from sidecar.apikeys import (
+from sidecar.keys.format import (
     ALPHABET,
     BODY_LEN,
     KEY_LEN,

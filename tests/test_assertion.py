@@ -17,10 +17,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from sidecar_support import ConfigFactory, EchoUpstream, SidecarStarter, bearer, client_session
 
-from sidecar.assertion import TYP, Signer, load_signing_keys, verify
-from sidecar.principal import Principal
+from sidecar.gate.principal import Principal
+from sidecar.keys.records import ENABLED, KeyRecord, utcnow
+from sidecar.proxy.assertion import TYP, Signer, load_signing_keys, verify
 from sidecar.settings import SIGNING_KEYS_ENV, Settings, SettingsError, SigningSettings, settings_from_mapping
-from sidecar.store import ENABLED, KeyRecord, utcnow
 
 HS_SECRET = "0123456789abcdef0123456789abcdef-hs256-test-secret"
 SETTINGS = settings_from_mapping({"roles": {"viewer": {"permissions": ["plans:read"]},

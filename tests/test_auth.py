@@ -25,12 +25,12 @@ from sidecar_support import (
     run_cli,
 )
 
-from sidecar.apikeys import generate_key
-from sidecar.auth import bearer_token
 from sidecar.errors import MalformedCredentials, MissingCredentials
-from sidecar.keys import KeyManager, new_key_id
+from sidecar.gate.authenticator import bearer_token
+from sidecar.keys.format import generate_key
+from sidecar.keys.manager import KeyManager, new_key_id
+from sidecar.keys.records import ENABLED, KeyRecord, utcnow
 from sidecar.logs import JsonLog
-from sidecar.store import ENABLED, KeyRecord, utcnow
 
 EXACT_CHALLENGE = 'Bearer realm="toolio"'
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sidecar.apikeys import generate_key
-from sidecar.cache import KeyCache
-from sidecar.principal import Principal
+from sidecar.gate.cache import KeyCache
+from sidecar.gate.principal import Principal
+from sidecar.keys.format import generate_key
+from sidecar.keys.records import ENABLED, KeyRecord
 from sidecar.settings import settings_from_mapping
-from sidecar.store import ENABLED, KeyRecord
 
 SETTINGS = settings_from_mapping({}, {})
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sidecar_support import ROLES, ConfigFactory, EchoUpstream, SidecarStarter, bearer, client_session, run_cli
 
 from sidecar.__main__ import main
-from sidecar.apikeys import parse_key
+from sidecar.keys.format import parse_key
 from sidecar.settings import CONFIG_ENV
 
 KEY_IN_TEXT = re.compile(r"tak_[0-9A-Za-z]{46}")

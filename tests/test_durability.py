@@ -317,7 +317,7 @@ async def test_cli_changes_confirmed_before_sigkill_survive_and_killed_ones_leav
 def test_store_runs_in_wal_with_full_sync(tmp_path: Path) -> None:
     # synchronous is per connection; what we can check from outside is that the file is in WAL
     # mode, and that the store sets FULL on its own connection (read back through the store).
-    from sidecar.store import SQLiteKeyStore
+    from sidecar.keys.store.sqlite import SQLiteKeyStore
 
     async def pragmas() -> tuple[str, int]:
         store = SQLiteKeyStore(tmp_path / "sidecar.db")

@@ -20,7 +20,7 @@ from mcp_support import (
     tool_result_text,
 )
 
-from sidecar.example_server import ExampleServerHandle
+from demo.server import ExampleServerHandle
 
 # Works with asyncio_mode "strict" as well as "auto".
 pytestmark = pytest.mark.asyncio

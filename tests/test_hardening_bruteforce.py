@@ -1,10 +1,10 @@
 """Brute force and cost control (SPEC 3: "Too many failed attempts ... 429 with Retry-After;
 valid traffic from others is unaffected").
 
-Wrong secrets are built with a *valid checksum* (``sidecar.apikeys.checksum``) so that they get
+Wrong secrets are built with a *valid checksum* (``sidecar.keys.format.checksum``) so that they get
 past the offline shape check and would reach the store and argon2 if nothing stopped them.
 Client addresses come from ``X-Forwarded-For`` only behind ``proxy.trusted_proxies``
-(``sidecar.peers``), which lets one test process play many clients.
+(``sidecar.gate.peers``), which lets one test process play many clients.
 """
 
 from __future__ import annotations

@@ -33,8 +33,8 @@ from hardening_support import (
     wait_for_condition,
 )
 
-from sidecar.proxy import SMALL_BODY
-from sidecar.store import KeyRecord
+from sidecar.keys.records import KeyRecord
+from sidecar.proxy.handler import SMALL_BODY
 
 pytestmark = pytest.mark.timeout(60)
 

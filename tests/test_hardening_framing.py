@@ -24,7 +24,7 @@ from hardening_support import (
     running_sidecar,
 )
 
-from sidecar.assertion import verify
+from sidecar.proxy.assertion import verify
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -46,7 +46,7 @@ from sidecar_support import (
     raw_request,
 )
 
-from sidecar.store import to_rfc3339
+from sidecar.keys.records import to_rfc3339
 
 # --- session binding ----------------------------------------------------------------------------
 

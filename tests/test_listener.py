@@ -1,4 +1,4 @@
-"""The public listener's own HTTP/1.1 behaviour (``sidecar.listener``), pinned over real sockets.
+"""The public listener's own HTTP/1.1 behaviour (``sidecar.http.server``), pinned over real sockets.
 
 A real sidecar (``running_sidecar``, or a bare ``PublicServer`` for drain) in front of a real
 upstream on loopback TCP; nothing is mocked. Each test reads the bytes the client actually
@@ -59,11 +59,11 @@ from hardening_support import (
     wait_for_condition,
 )
 
-from sidecar import listener as listener_module
-from sidecar.app import SidecarApps, create_app
-from sidecar.listener import Listener
+from sidecar.http import server as listener_module
+from sidecar.http.server import Listener
 from sidecar.logs import JsonLog
-from sidecar.server import PublicServer
+from sidecar.runtime.apps import SidecarApps, create_app
+from sidecar.runtime.server import PublicServer
 from sidecar.settings import Settings
 
 pytestmark = pytest.mark.timeout(60)

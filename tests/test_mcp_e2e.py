@@ -1,5 +1,5 @@
 """End to end: the official MCP SDK client, through the sidecar, to the official MCP SDK server
-(``sidecar.example_server``), in both protocol eras: 2025 sessions (initialize, GET stream,
+(``demo.server``), in both protocol eras: 2025 sessions (initialize, GET stream,
 DELETE) with ``mode="legacy"`` and 2026-07-28 stateless requests with the default ``"auto"``."""
 
 from __future__ import annotations

@@ -19,8 +19,8 @@ import aiohttp
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
-from sidecar.app import SidecarApps, create_app
-from sidecar.server import start
+from sidecar.runtime.apps import SidecarApps, create_app
+from sidecar.runtime.server import start
 from sidecar.settings import Settings, settings_from_mapping
 
 ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le", "state"}

@@ -23,7 +23,7 @@ from sidecar_support import (
     raw_request,
 )
 
-from sidecar.proxy import HOP_BY_HOP, IDENTITY_HEADERS
+from sidecar.proxy.headers import HOP_BY_HOP, IDENTITY_HEADERS
 
 FORWARDED_HEADERS = ("X-Forwarded-For", "X-Forwarded-Proto", "X-Forwarded-Host")
 

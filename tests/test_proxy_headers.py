@@ -14,10 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from multidict import CIMultiDict
 
-from sidecar.principal import Principal
-from sidecar.proxy import HOP_BY_HOP, IDENTITY_HEADERS, upstream_header_lines
+from sidecar.gate.principal import Principal
+from sidecar.keys.records import ENABLED, KeyRecord
+from sidecar.proxy.headers import HOP_BY_HOP, IDENTITY_HEADERS, upstream_header_lines
 from sidecar.settings import settings_from_mapping
-from sidecar.store import ENABLED, KeyRecord
 
 SETTINGS = settings_from_mapping({"roles": {"viewer": {"permissions": ["plans:read"]},
                                             "writer": {"permissions": ["plans:write", "plans:read"]}}}, {})

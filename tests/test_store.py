@@ -12,19 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from sidecar.store import (
-    DISABLED,
-    ENABLED,
-    MIGRATIONS,
-    AuditRecord,
-    DuplicateLookupId,
-    DuplicateName,
-    KeyRecord,
-    SQLiteKeyStore,
-    StoreError,
-    from_rfc3339,
-    to_rfc3339,
-)
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, from_rfc3339, to_rfc3339
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, StoreError
+from sidecar.keys.store.sqlite import MIGRATIONS, SQLiteKeyStore
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 

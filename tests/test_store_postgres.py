@@ -21,16 +21,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from sidecar.store import (
-    DISABLED,
-    ENABLED,
-    AuditRecord,
-    DuplicateLookupId,
-    DuplicateName,
-    KeyRecord,
-    StoreError,
-)
-from sidecar.store_postgres import MIGRATIONS, KeyChangeFeed, PostgresKeyStore, redact_url
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, StoreError
+from sidecar.keys.store.postgres import MIGRATIONS, KeyChangeFeed, PostgresKeyStore, redact_url
 
 pytest_plugins = ["pg_support"]
 

@@ -1,4 +1,4 @@
-"""The upstream client (``sidecar.upstream.UpstreamPool``) against real TCP servers on loopback.
+"""The upstream client (``sidecar.http.client.UpstreamPool``) against real TCP servers on loopback.
 
 Most tests script a raw ``asyncio.start_server`` byte for byte (:class:`ScriptedServer`), so that
 framing, keep-alive and faults are exactly what the test says, and count the connections the
@@ -34,16 +34,9 @@ from hardening_support import (
 )
 from sidecar_support import closed_port
 
-import sidecar.upstream
-from sidecar.proxy import request_head
-from sidecar.upstream import (
-    Disconnected,
-    PoolExhausted,
-    ResponseReset,
-    Unreachable,
-    UpstreamPool,
-    UpstreamResponse,
-)
+import sidecar.http.client
+from sidecar.http.client import Disconnected, PoolExhausted, ResponseReset, Unreachable, UpstreamPool, UpstreamResponse
+from sidecar.proxy.headers import request_head
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -1093,7 +1086,7 @@ async def test_a_large_body_nobody_reads_is_not_buffered_without_bound(serve: Se
 
 async def test_expire_idle_closes_connections_idle_longer_than_idle_seconds(
         serve: Serve, pools: MakePool, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sidecar.upstream, "IDLE_SECONDS", 0.1)
+    monkeypatch.setattr(sidecar.http.client, "IDLE_SECONDS", 0.1)
 
     async def answer_and_watch(peer: Peer) -> None:
         await peer.read_request()
@@ -1114,7 +1107,7 @@ async def test_expire_idle_closes_connections_idle_longer_than_idle_seconds(
 async def test_a_connection_idle_longer_than_idle_seconds_is_not_reused(
         serve: Serve, pools: MakePool, monkeypatch: pytest.MonkeyPatch) -> None:
     # Without waiting for housekeeping: the upstream's own keep-alive timeout may be near.
-    monkeypatch.setattr(sidecar.upstream, "IDLE_SECONDS", 0.1)
+    monkeypatch.setattr(sidecar.http.client, "IDLE_SECONDS", 0.1)
     server = await serve(answer_each())
     pool = pools(server.url)
     assert await fetch(pool, target="/one") == (200, b"/one")

@@ -25,16 +25,17 @@ from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote
 
-from sidecar.apikeys import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, key_digest, lookup_id_of, parse_key
-from sidecar.audit import AuditLog
-from sidecar.cache import KeyCache
 from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
+from sidecar.gate.buckets import FailureLimiter
+from sidecar.gate.cache import KeyCache
+from sidecar.gate.peers import ClientRequest
+from sidecar.gate.principal import Principal
+from sidecar.keys.audit import AuditLog
+from sidecar.keys.format import KEY_LEN, KeyFormatError, KeyHasher, ParsedKey, key_digest, lookup_id_of, parse_key
+from sidecar.keys.records import DISABLED, KeyRecord
+from sidecar.keys.store.base import KeyStore
 from sidecar.metrics import Metrics
-from sidecar.peers import ClientRequest
-from sidecar.principal import Principal
-from sidecar.ratelimit import FailureLimiter
 from sidecar.settings import Settings
-from sidecar.store import DISABLED, KeyRecord, KeyStore
 
 
 def _lower_priority() -> None:

@@ -6,8 +6,8 @@ import json
 import re
 from dataclasses import dataclass
 
+from sidecar.keys.records import KeyRecord
 from sidecar.settings import Settings
-from sidecar.store import KeyRecord
 
 # Control characters: these values become header fields upstream (RFC 9110 5.5 forbids CR, LF and
 # NUL in field values); config and key validation already exclude them, this is the last line.

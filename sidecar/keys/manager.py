@@ -1,7 +1,7 @@
 """Key management shared by the admin API and the CLI: validate -> store (+ audit, one
 transaction) -> tell the running proxy (cache invalidation and stream cut).
 
-Validation errors are :class:`ApiError` naming the offending field, so the API and the CLI
+Validation errors are :class:`InvalidInput` naming the offending field, so the API and the CLI
 report the same words.
 """
 
@@ -14,20 +14,12 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.apikeys import ALPHABET, KeyHasher, generate_key, preview
-from sidecar.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
-from sidecar.errors import ApiError, NameTaken
+from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
+from sidecar.keys.errors import InvalidInput, KeyNotFound, NameTaken
+from sidecar.keys.format import ALPHABET, KeyHasher, generate_key, preview
+from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 from sidecar.settings import Settings
-from sidecar.store import (
-    DISABLED,
-    ENABLED,
-    DuplicateLookupId,
-    DuplicateName,
-    KeyRecord,
-    KeyStore,
-    to_rfc3339,
-    utcnow,
-)
 
 NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ChangeHook = Callable[[KeyRecord], None]
@@ -57,20 +49,20 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
 
 def validate_name(name: object, field: str = "name") -> str:
     if not isinstance(name, str) or not NAME_RULE.fullmatch(name):
-        raise ApiError(422, "invalid_name", "name must be 1-64 characters of A-Z a-z 0-9 . _ -", field)
+        raise InvalidInput("invalid_name", "name must be 1-64 characters of A-Z a-z 0-9 . _ -", field)
     return name
 
 
 def validate_roles(roles: object, settings: Settings) -> tuple[str, ...]:
     valid = sorted(settings.roles)
     if not isinstance(roles, list) or not all(isinstance(r, str) for r in roles):
-        raise ApiError(422, "invalid_roles", "roles must be a list of role names", "roles",
+        raise InvalidInput("invalid_roles", "roles must be a list of role names", "roles",
                        {"valid_roles": valid})
     if not roles:
-        raise ApiError(422, "invalid_roles", "at least one role is required", "roles", {"valid_roles": valid})
+        raise InvalidInput("invalid_roles", "at least one role is required", "roles", {"valid_roles": valid})
     unknown = sorted({r for r in roles if r not in settings.roles})
     if unknown:
-        raise ApiError(422, "unknown_role",
+        raise InvalidInput("unknown_role",
                        f"unknown role(s) {', '.join(unknown)}; valid roles: {', '.join(valid)}", "roles",
                        {"valid_roles": valid})
     return tuple(sorted(set(roles)))
@@ -85,7 +77,7 @@ _DATE_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]
 def parse_time(value: object, field: str, *, future: bool = True) -> datetime | None:
     """An RFC 3339 date-time as an aware UTC datetime, or the 422 naming ``field``.
 
-    Every way a value can be wrong ends in :class:`ApiError`: not a string, not the RFC 3339
+    Every way a value can be wrong ends in :class:`InvalidInput`: not a string, not the RFC 3339
     shape, not a real time (month 13, second 60, offset 24:00), outside what ``datetime`` can hold
     once converted to UTC (``9999-12-31T23:59:59-01:00``, ``0001-01-01T00:00:00+01:00``), or, with
     ``future``, not after now.
@@ -93,20 +85,20 @@ def parse_time(value: object, field: str, *, future: bool = True) -> datetime | 
     if value is None:
         return None
     if not isinstance(value, str):
-        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time string", field)
+        raise InvalidInput("invalid_time", f"{field} must be an RFC 3339 date-time string", field)
     text = value.strip()
     if not _DATE_TIME.fullmatch(text):
-        raise ApiError(422, "invalid_time", f"{field} must be an RFC 3339 date-time with a time zone, "
+        raise InvalidInput("invalid_time", f"{field} must be an RFC 3339 date-time with a time zone, "
                                             "e.g. 2030-01-31T12:00:00Z", field)
     try:
         parsed = datetime.fromisoformat(text.upper().replace("Z", "+00:00")).astimezone(UTC)
     except ValueError:
-        raise ApiError(422, "invalid_time", f"{field} is not a valid date-time", field) from None
+        raise InvalidInput("invalid_time", f"{field} is not a valid date-time", field) from None
     except OverflowError:
-        raise ApiError(422, "invalid_time", f"{field} is outside the supported range "
+        raise InvalidInput("invalid_time", f"{field} is outside the supported range "
                                             "(years 0001-9999 in UTC)", field) from None
     if future and parsed <= datetime.now(UTC):
-        raise ApiError(422, "invalid_time", f"{field} must be in the future", field)
+        raise InvalidInput("invalid_time", f"{field} must be in the future", field)
     return parsed
 
 
@@ -149,12 +141,12 @@ class KeyManager:
             for extra in extra_audit:
                 self._audit.emitted(extra)
             return stored, key.full
-        raise ApiError(500, "internal_error", "could not allocate a key id")
+        raise StoreError("could not allocate a key id")
 
     async def get(self, key_id: str) -> KeyRecord:
         record = await self._store.get_key(key_id)
         if record is None or record.workspace != self._settings.workspace:
-            raise ApiError(404, "not_found", f"no key with id {key_id!r}", "id")
+            raise KeyNotFound(key_id)
         return record
 
     async def list(self) -> list[KeyRecord]:
@@ -168,7 +160,7 @@ class KeyManager:
                                   details={"previous_status": current.status, **(details or {})})
         updated = await self._store.set_status(key_id, status, utcnow(), event)
         if updated is None:
-            raise ApiError(404, "not_found", f"no key with id {key_id!r}", "id")
+            raise KeyNotFound(key_id)
         # Tell the running proxy before answering: the next request with this key is refused
         # and its open streams are cut (SPEC 2: no cache delay).
         if self._on_change is not None:

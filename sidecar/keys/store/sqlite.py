@@ -1,7 +1,6 @@
-"""Key and audit storage: the :class:`KeyStore` interface and its SQLite implementation.
+"""The SQLite :class:`KeyStore`: one file, the embedded default for one replica and the demo.
 
-Everything SQL- and SQLite-specific stays in this module so that a server database can take
-its place for multi-replica deployments (SPEC 9). SQLite runs in WAL mode with
+Everything SQLite-specific stays in this module. SQLite runs in WAL mode with
 ``synchronous=FULL``: a key or audit row the API confirmed survives a crash or power loss.
 ``last_used_at`` is written in batches by the caller, never once per request.
 
@@ -15,186 +14,16 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from abc import ABC, abstractmethod
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import aiosqlite
 
-ENABLED = "enabled"
-DISABLED = "disabled"
-
-
-def utcnow() -> datetime:
-    now = datetime.now(UTC)
-    # Millisecond precision: what RFC 3339 strings in the store and the API carry.
-    return now.replace(microsecond=now.microsecond // 1000 * 1000)
-
-
-def to_rfc3339(value: datetime | None) -> str | None:
-    """RFC 3339 UTC with a ``Z`` suffix, millisecond precision (SPEC 5: times are RFC 3339 UTC)."""
-    if value is None:
-        return None
-    return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
-
-
-def from_rfc3339(text: str | None) -> datetime | None:
-    if text is None:
-        return None
-    return datetime.fromisoformat(text.replace("Z", "+00:00")).astimezone(UTC)
-
-
-class StoreError(Exception):
-    """The store cannot do what was asked (not a validation problem)."""
-
-
-class DuplicateName(StoreError):
-    pass
-
-
-class DuplicateLookupId(StoreError):
-    pass
-
-
-@dataclass(frozen=True, slots=True)
-class KeyRecord:
-    id: str
-    lookup_id: str
-    name: str
-    roles: tuple[str, ...]
-    workspace: str
-    status: str
-    created_at: datetime
-    created_by: str
-    key_hash: str = field(repr=False)
-    last_used_at: datetime | None = None
-    disabled_at: datetime | None = None
-    expires_at: datetime | None = None
-    disable_at: datetime | None = None
-    revision: int = 0
-
-    def deadline(self) -> float | None:
-        """Epoch seconds after which the key no longer authenticates (expiry or scheduled disable)."""
-        times = [t.timestamp() for t in (self.expires_at, self.disable_at) if t is not None]
-        return min(times) if times else None
-
-
-@dataclass(frozen=True, slots=True)
-class AuditRecord:
-    time: datetime
-    action: str
-    actor: str
-    workspace: str
-    key_id: str | None = None
-    key_name: str | None = None
-    client: str | None = None
-    details: Mapping[str, Any] = field(default_factory=dict)
-    id: int | None = None
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "time": to_rfc3339(self.time),
-            "action": self.action,
-            "actor": self.actor,
-            "workspace": self.workspace,
-            "key_id": self.key_id,
-            "key_name": self.key_name,
-            "client": self.client,
-            "details": dict(self.details),
-        }
-
-
-class KeyStore(ABC):
-    """What the sidecar needs from a store; every write that changes a key carries its audit row
-    and both land in one transaction (an API success means both are durable)."""
-
-    @abstractmethod
-    async def open(self) -> None: ...
-
-    @abstractmethod
-    async def close(self) -> None: ...
-
-    @abstractmethod
-    async def ping(self) -> None:
-        """Raise if the store is not usable (readiness)."""
-
-    @abstractmethod
-    async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord: ...
-
-    @abstractmethod
-    async def get_key(self, key_id: str) -> KeyRecord | None: ...
-
-    @abstractmethod
-    async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None: ...
-
-    @abstractmethod
-    async def list_keys(self, workspace: str) -> list[KeyRecord]: ...
-
-    @abstractmethod
-    async def set_status(self, key_id: str, status: str, now: datetime,
-                         audit: AuditRecord) -> KeyRecord | None:
-        """Enable or disable (never delete); clears a scheduled disable when enabling."""
-
-    @abstractmethod
-    async def schedule_disable(self, key_id: str, when: datetime | None) -> None: ...
-
-    @abstractmethod
-    async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]: ...
-
-    @abstractmethod
-    async def due_expiries(self, now: datetime) -> list[KeyRecord]:
-        """Keys whose ``expires_at`` has passed and whose expiry has no audit event yet."""
-
-    @abstractmethod
-    async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
-        """Write the expiry's audit event unless another process already did; True if written."""
-
-    @abstractmethod
-    async def update_hash(self, key_id: str, key_hash: str) -> None: ...
-
-    @abstractmethod
-    async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None: ...
-
-    @abstractmethod
-    async def append_audit(self, events: Iterable[AuditRecord]) -> None: ...
-
-    @abstractmethod
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]: ...
-
-    @abstractmethod
-    async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
-        """Keys changed after ``revision`` and the newest revision (for cross-process sync)."""
-
-    @abstractmethod
-    async def external_change_marker(self) -> int:
-        """A number that moves when another connection/process commits (cheap to poll)."""
-
-    @abstractmethod
-    async def count_by_status(self, workspace: str) -> dict[str, int]: ...
-
-    # MCP session bindings (MCP security best practices: bind a session to its caller). Kept in
-    # the store so that a binding holds after a restart and on every replica sharing the store.
-
-    @abstractmethod
-    async def bind_session(self, session_id: str, key_id: str, now: datetime) -> str:
-        """Bind ``session_id`` to ``key_id`` unless it is bound already; an existing binding is
-        never moved. Returns the owner: the existing one, or ``key_id``."""
-
-    @abstractmethod
-    async def session_owner(self, session_id: str) -> str | None: ...
-
-    @abstractmethod
-    async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
-        """Record when bound sessions were last used (batched by the caller)."""
-
-    @abstractmethod
-    async def prune_sessions(self, older_than: datetime) -> int:
-        """Forget bindings not used since ``older_than``; returns how many."""
-
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, from_rfc3339, to_rfc3339, utcnow
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 # ---------------------------------------------------------------------------------------------
 # SQLite

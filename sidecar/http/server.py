@@ -34,17 +34,15 @@ tests/test_fuzz_listener.py, tests/test_listener.py):
 from __future__ import annotations
 
 import asyncio
-import json
-import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from email.utils import formatdate
-from http import HTTPStatus
 from urllib.parse import unquote
 
 import httptools
 from multidict import CIMultiDict
 
+from sidecar.http.deadline import Deadline
+from sidecar.http.wire import error_body, http_date, reason_phrase
 from sidecar.logs import JsonLog
 
 # Request head limits, as common servers set them (aiohttp and nginx: 8 KB lines).
@@ -82,36 +80,6 @@ class _Refusal(Exception):
     def __init__(self, status: int) -> None:
         super().__init__(status)
         self.status = status
-
-
-_date_second = 0
-_date_value = ""
-
-
-def http_date() -> str:
-    """The Date field value (RFC 9110 6.6.1), formatted once per second."""
-    global _date_second, _date_value
-    now = int(time.time())
-    if now != _date_second:
-        _date_second = now
-        _date_value = formatdate(now, usegmt=True)
-    return _date_value
-
-
-def error_body(status: int) -> bytes:
-    try:
-        phrase = HTTPStatus(status).phrase
-    except ValueError:
-        phrase = "Error"
-    code = "invalid_request" if status == 400 else phrase.lower().replace(" ", "_").replace("-", "_")
-    return json.dumps({"error": code, "error_description": phrase}).encode()
-
-
-def _reason(status: int) -> str:
-    try:
-        return HTTPStatus(status).phrase
-    except ValueError:
-        return "Unknown"
 
 
 class Request:
@@ -300,7 +268,7 @@ class Request:
             self._close = True
         if not (reason.isascii() and reason.isprintable()):
             # RFC 9112 4: reason-phrase is HTAB / SP / VCHAR / obs-text; control bytes never pass.
-            reason = _reason(status)
+            reason = reason_phrase(status)
         parts = [f"HTTP/1.1 {status} {reason}\r\n"]
         has_date = False
         for name, value in headers:
@@ -375,8 +343,8 @@ class _Connection(asyncio.Protocol):
         # One deadline and at most one timer (re-armed lazily): the head deadline while a head is
         # awaited, the keep-alive bound while idle between requests, none while one is handled;
         # once closing, the same timer watches the last answer go out.
-        self._deadline: float | None = None
-        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = Deadline(self._loop, self._deadline_passed)
+        self._timer: asyncio.TimerHandle | None = None  # the linger after a staged close
         self._idle = False  # the deadline is the keep-alive bound
         self._linger_since = 0.0
         self._linger_buffered = 0
@@ -398,7 +366,7 @@ class _Connection(asyncio.Protocol):
         self.closing = True
         self._input_closed = True
         self._server.connections.discard(self)
-        self._deadline = None
+        self._deadline.cancel()
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -620,7 +588,7 @@ class _Connection(asyncio.Protocol):
         """Start the next request if none is being handled and the client reads its answers."""
         if self._current is None and self._queue and not self.closing and not self.write_paused:
             request = self._current = self._queue.popleft()
-            self._deadline = None
+            self._deadline.disarm()
             self._idle = False
             self._task = self._loop.create_task(self._run(request))
             if not self._queue and self._held and not self._input_closed:
@@ -642,7 +610,7 @@ class _Connection(asyncio.Protocol):
             else:
                 self._server.log.error("request failed", error=repr(exc), method=request.method)
                 if not request.started and not self.closing:
-                    request.respond(500, _reason(500), _JSON, error_body(500), close=True)
+                    request.respond(500, reason_phrase(500), _JSON, error_body(500), close=True)
                 else:
                     self.close_now()
         finally:
@@ -704,7 +672,7 @@ class _Connection(asyncio.Protocol):
         self._server.log.warning("rejected a malformed request", client=self.remote, status=status)
         # A fixed body: nothing of the request is quoted back (it may carry a key; RFC 6750 5.3).
         body = error_body(status)
-        self.write(f"HTTP/1.1 {status} {_reason(status)}\r\nContent-Type: application/json\r\n"
+        self.write(f"HTTP/1.1 {status} {reason_phrase(status)}\r\nContent-Type: application/json\r\n"
                    f"Cache-Control: no-store\r\nDate: {http_date()}\r\nContent-Length: {len(body)}\r\n"
                    "Connection: close\r\n\r\n".encode() + body)
         self._close_after_writes()
@@ -752,10 +720,7 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None:
             return
-        self._deadline = None
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._deadline.cancel()
         try:
             if not transport.can_write_eof():
                 transport.close()
@@ -817,23 +782,11 @@ class _Connection(asyncio.Protocol):
 
     def _arm(self, seconds: float, *, idle: bool = False) -> None:
         self._idle = idle
-        self._deadline = deadline = self._loop.time() + seconds
-        timer = self._timer
-        if timer is not None and timer.when() > deadline:
-            timer.cancel()  # a shorter bound than the one scheduled (keep-alive after a head)
-            timer = None
-        if timer is None:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
+        self._deadline.arm(seconds)
 
-    def _check_deadline(self) -> None:
-        self._timer = None
-        deadline = self._deadline
-        if deadline is None or self.closing:
+    def _deadline_passed(self) -> None:
+        if self.closing:
             return
-        if self._loop.time() < deadline:
-            self._timer = self._loop.call_at(deadline, self._check_deadline)
-            return
-        self._deadline = None
         if self._current is None and not self._queue:
             # A head that did not complete in time (slowloris), or a kept-alive connection idle
             # for too long: closed without an answer, as there is no request to answer. An answer

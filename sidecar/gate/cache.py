@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from cachetools import LRUCache, TTLCache
 
-from sidecar.principal import Principal
+from sidecar.gate.principal import Principal
 
 
 @dataclass(frozen=True, slots=True)

@@ -22,11 +22,10 @@ Tables are created unqualified, in the first schema of the connection's ``search
 may pick one, e.g. ``?options=-csearch_path%3Dtoolio``.
 
 The URL's password never appears in an error this module raises or logs: connection and query
-failures become :class:`~sidecar.store.StoreError` naming the URL with the password replaced.
+failures become :class:`~sidecar.keys.store.base.StoreError` naming the URL with the password replaced.
 """
 
 # SQL is built only from this module's constants; every value is a bound parameter.
-# ruff: noqa: S608
 
 from __future__ import annotations
 
@@ -44,16 +43,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from sidecar.store import (
-    DISABLED,
-    ENABLED,
-    AuditRecord,
-    DuplicateLookupId,
-    DuplicateName,
-    KeyRecord,
-    KeyStore,
-    StoreError,
-)
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 CHANGE_CHANNEL = "toolio_key_changes"
 # Key of the advisory lock held while migrating: any constant unique to this application.

@@ -14,9 +14,10 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from sidecar.keys.records import AuditRecord, utcnow
+from sidecar.keys.store.base import KeyStore
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.store import AuditRecord, KeyStore, utcnow
 
 KEY_CREATED = "key.created"
 KEY_DISABLED = "key.disabled"

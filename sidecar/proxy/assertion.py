@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed, decode_dss_signature
 
-from sidecar.principal import Principal
+from sidecar.gate.principal import Principal
 from sidecar.settings import SettingsError, SigningSettings
 
 TYP = "toolio+jwt"

@@ -1,6 +1,6 @@
-"""``create_app(settings)``: both applications and the resources they share.
+"""The composition root: :class:`Services` builds everything from settings.
 
-The proxy app (public listener, served by ``sidecar.listener``) and the admin app (an aiohttp
+The proxy app (public listener, served by ``sidecar.http.server``) and the admin app (an aiohttp
 application on the admin listener) share one :class:`Services`: store, caches, signer, metrics,
 the upstream connection pool, the stream registry and background tasks. Each listener acquires
 it while it runs, so the first one started opens it and the last one stopped closes it,
@@ -11,38 +11,30 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import Callable
 from datetime import timedelta
-from importlib.metadata import entry_points
 from typing import Any
 
-from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
 
-from sidecar import state
-from sidecar.apikeys import KeyHasher
-from sidecar.assertion import Signer, load_signing_keys
-from sidecar.audit import KEY_EXPIRED, AuditLog
-from sidecar.auth import Authenticator, LastUsed
-from sidecar.cache import KeyCache
-from sidecar.errors import json_response
-from sidecar.keys import KeyManager, run_scheduled_disables
-from sidecar.listener import Request
+from sidecar.gate.authenticator import Authenticator, LastUsed
+from sidecar.gate.cache import KeyCache
+from sidecar.gate.peers import ClientRequest
+from sidecar.gate.sessions import SessionBindings
+from sidecar.http.client import UpstreamPool
+from sidecar.keys.audit import KEY_EXPIRED, AuditLog
+from sidecar.keys.format import KeyHasher
+from sidecar.keys.manager import KeyManager, run_scheduled_disables
+from sidecar.keys.records import DISABLED, KeyRecord, to_rfc3339, utcnow
+from sidecar.keys.store.base import KeyStore
+from sidecar.keys.store.sqlite import SQLiteKeyStore
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.peers import ClientRequest
-from sidecar.proxy import ProxyHandler, SessionBindings, StreamRegistry
+from sidecar.proxy.assertion import Signer, load_signing_keys
+from sidecar.proxy.handler import ProxyHandler
+from sidecar.proxy.streams import StreamRegistry
 from sidecar.settings import Settings
-from sidecar.store import DISABLED, KeyRecord, KeyStore, SQLiteKeyStore, to_rfc3339, utcnow
-from sidecar.upstream import UpstreamPool
-
-# OAuth discovery probes (RFC 9728, RFC 8414, OIDC Discovery) answered with a JSON 404 so MCP
-# clients in API-key mode learn at once that there is no authorization server here.
-DISCOVERY_PREFIXES = ("/.well-known/oauth-protected-resource", "/.well-known/oauth-authorization-server",
-                      "/.well-known/openid-configuration")
 
 
 class Services:
@@ -218,128 +210,3 @@ class Services:
                 self.authenticator.forgive(record.lookup_id)
 
 
-@dataclass(frozen=True)
-class SidecarApps:
-    proxy: ProxyApp
-    admin: web.Application
-    services: Services
-
-
-async def healthz(_: web.Request) -> web.Response:
-    return json_response(200, {"status": "ok"})
-
-
-async def jwks(request: web.Request) -> web.Response:
-    services = request.app[state.SERVICES]
-    assert services.signer is not None
-    return web.Response(body=services.signer.jwks_body, content_type="application/json",
-                        headers={"Cache-Control": "public, max-age=300"})
-
-
-def _services_ctx(services: Services) -> Callable[[web.Application], AsyncIterator[None]]:
-    async def ctx(_: web.Application) -> AsyncIterator[None]:
-        await services.acquire()
-        try:
-            yield
-        finally:
-            await services.release()
-    return ctx
-
-
-class ProxyApp:
-    """The public listener's application (SPEC 3): ``GET /healthz``, ``GET /.well-known/jwks.json``
-    and the OAuth discovery probes are answered here without auth; every other request is the
-    proxy's. No middlewares: the hot path is one handler (DESIGN: a cache hit does no extra work)."""
-
-    def __init__(self, services: Services) -> None:
-        self.services = services
-
-    async def __call__(self, request: Request) -> None:
-        method = request.method
-        if method == "CONNECT":
-            # A tunnel (RFC 9110 9.3.6) is not something an MCP server offers, and a 2xx would turn
-            # the connection into one: no route takes it.
-            request.respond(404, "Not Found", _JSON, _NOT_FOUND, close=True)
-            return
-        path = request.path  # decoded, without query or fragment: routes match it as any router's would
-        if path == "/healthz" and method in ("GET", "HEAD"):
-            request.respond(200, "OK", _JSON, _OK)
-        elif path == "/.well-known/jwks.json" and method in ("GET", "HEAD"):
-            signer = self.services.signer
-            assert signer is not None
-            request.respond(200, "OK", _JWKS_HEADERS, signer.jwks_body)
-        elif path in DISCOVERY_PREFIXES or path.startswith(_DISCOVERY_TREES):
-            # Any method: a probe is never forwarded upstream or answered with an auth challenge.
-            request.respond(404, "Not Found", _JSON, _NOT_OAUTH)
-        else:
-            proxy = self.services.proxy
-            assert proxy is not None
-            await proxy(request)
-
-
-_DISCOVERY_TREES = tuple(prefix + "/" for prefix in DISCOVERY_PREFIXES)
-_JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
-_JWKS_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "public, max-age=300"))
-_OK = json.dumps({"status": "ok"}).encode()
-_NOT_FOUND = json.dumps({"error": "not_found", "error_description": "Not Found"}).encode()
-_NOT_OAUTH = json.dumps({
-    "error": "not_found",
-    "error_description": "This server uses API keys (Authorization: Bearer tak_...), not OAuth"}).encode()
-
-
-async def readyz(request: web.Request) -> web.Response:
-    services = request.app[state.SERVICES]
-    if services.draining:
-        return json_response(503, {"status": "draining"})
-    try:
-        await asyncio.wait_for(services.store.ping(), timeout=2.0)
-    except Exception:
-        return json_response(503, {"status": "store unavailable"})
-    return json_response(200, {"status": "ready"})
-
-
-async def metrics(request: web.Request) -> web.Response:
-    services = request.app[state.SERVICES]
-    services.metrics.cache_size.set(len(services.cache))
-    return web.Response(body=generate_latest(services.registry),
-                        headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-
-def create_ops_app(services: Services) -> web.Application:
-    """The admin listener's operational endpoints; the key-management UI and API are added by
-    the ``admin`` package (``admin.app.install``)."""
-    app = web.Application(client_max_size=64 * 1024)
-    app[state.SERVICES] = services
-    app.cleanup_ctx.append(_services_ctx(services))
-    app.router.add_get("/healthz", healthz)
-    app.router.add_get("/readyz", readyz)
-    app.router.add_get("/metrics", metrics)
-    app.router.add_get("/.well-known/jwks.json", jwks)
-    return app
-
-
-def create_app(settings: Settings, *, log: JsonLog | None = None,
-               registry: CollectorRegistry | None = None) -> SidecarApps:
-    """Both applications, sharing one :class:`Services`; used by the CLI and every test."""
-    services = Services(settings, log=log, registry=registry)
-    proxy = ProxyApp(services)
-    admin = create_ops_app(services)
-    for install in admin_installers():
-        install(admin, services)
-    return SidecarApps(proxy=proxy, admin=admin, services=services)
-
-
-# The admin package builds on sidecar, never the other way round (DESIGN: ``sidecar`` never
-# imports ``admin``): it registers its routes through this entry-point group in pyproject.toml,
-# so the composition is declared by the distribution, not imported here.
-ADMIN_ENTRY_POINTS = "toolio_sidecar.admin"
-
-
-def admin_installers() -> list[Callable[[web.Application, Services], None]]:
-    """The admin API and page installers the installed distribution declares (at least one)."""
-    found = [entry.load() for entry in entry_points(group=ADMIN_ENTRY_POINTS)]
-    if not found:
-        # Without it the admin listener would serve no API or page: a broken install, not a mode.
-        raise RuntimeError(f"no {ADMIN_ENTRY_POINTS!r} entry point: install the toolio-sidecar distribution "
-                           "(pip install .) rather than running from a bare source tree")
-    return found

@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from sidecar.app import SidecarApps, create_app
 from sidecar.logs import JsonLog
-from sidecar.server import drain, start
+from sidecar.runtime.apps import SidecarApps, create_app
+from sidecar.runtime.server import drain, start
 from sidecar.settings import Role, Settings, settings_from_mapping
 
 
@@ -70,7 +70,7 @@ async def _self_check(url: str, key: str) -> str:
 
 
 async def _run(port: int, once: bool, out: Any, roles: Mapping[str, Role] | None) -> int:
-    from sidecar.example_server import ExampleServerHandle
+    from demo.server import ExampleServerHandle
 
     with tempfile.TemporaryDirectory(prefix="toolio-demo-") as tmp:
         upstream = ExampleServerHandle("127.0.0.1", 0)

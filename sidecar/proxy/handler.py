@@ -4,7 +4,7 @@ The request's path through here: ``ProxyHandler.__call__`` -> guards (target for
 Origin, declared size) -> ``Authenticator.authenticate`` -> session binding ->
 ``upstream_header_lines`` (strip credentials and spoofable identity, add ours and the signed
 assertion) -> ``request_head`` -> one request on a pooled upstream connection
-(``sidecar.upstream``), its body relayed in one piece when small and known, else streamed ->
+(``sidecar.http.client``), its body relayed in one piece when small and known, else streamed ->
 response head (bounded by ``upstream_timeout_seconds``) -> response body relayed in one piece
 when small and known, else streamed chunk by chunk with no total timeout.
 """
@@ -14,43 +14,28 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TYPE_CHECKING
 
-from cachetools import TTLCache
-
-from sidecar.assertion import Signer
-from sidecar.auth import Authenticator
 from sidecar.errors import AuthError, InvalidToken, ProxyError, SidecarError
-from sidecar.listener import BodyError, Request
+from sidecar.gate.authenticator import Authenticator
+from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
+from sidecar.gate.principal import Principal
+from sidecar.gate.sessions import SessionBindings
+from sidecar.http.client import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
+from sidecar.http.server import BodyError, Request
+from sidecar.http.wire import reason_phrase
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.peers import ClientRequest, Network, client_address, is_trusted
-from sidecar.principal import Principal
+from sidecar.proxy.assertion import Signer
+from sidecar.proxy.headers import request_head, response_headers, upstream_header_lines
+from sidecar.proxy.streams import StreamRegistry
 from sidecar.settings import ProxySettings
-from sidecar.store import KeyStore, utcnow
-from sidecar.upstream import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
 
 if TYPE_CHECKING:
-    from aiohttp import web  # the error responses are built by sidecar.errors (shared with admin)
+    pass  # the error responses are built by sidecar.errors (shared with admin)
 
-# RFC 9110 7.6.1: connection-specific fields a proxy must not forward, plus the fields this
-# proxy owns itself: Host (the upstream's own, SPEC 3), Expect (100-continue is answered here)
-# and credentials (MCP authorization spec: servers MUST NOT pass tokens through).
-HOP_BY_HOP = frozenset({
-    "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer",
-    "proxy-authorization", "proxy-authenticate",
-})
-# Content-Length too: the proxy frames the upstream request itself (RFC 9112 6.3), from the body
-# it actually relays.
-_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "authorization", "content-length"}
-_FORWARDED = frozenset({"forwarded", "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host",
-                        "x-forwarded-port", "x-forwarded-prefix", "x-real-ip"})
-_RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
-IDENTITY_HEADERS = ("X-Toolio-Key-Id", "X-Toolio-Key-Name", "X-Toolio-Workspace", "X-Toolio-Roles",
-                    "X-Toolio-Permissions", "X-Toolio-Assertion")
 SESSION_HEADER = "Mcp-Session-Id"
 # Methods whose requests normally carry content (RFC 9110 9.3): without a body they are sent with
 # Content-Length: 0, as a general-purpose client would.
@@ -62,252 +47,24 @@ SMALL_BODY = 64 * 1024
 _VALID_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]{0,5})?")
 
 
-def connection_tokens(values: Iterable[str]) -> set[str]:
-    """Field names listed in Connection headers (RFC 9110 7.6.1), lower-cased."""
-    return {token.strip().lower() for value in values for token in value.split(",") if token.strip()}
-
-
-_KEEP, _DROP, _FORWARDING = 0, 1, 2
-# Header name -> what to do with it. Names repeat across requests, so the string checks run
-# once per distinct name; bounded, and simply rebuilt if a client sprays random names.
-_name_actions: dict[str, int] = {}
-
-
-def _action(name: str) -> int:
-    action = _name_actions.get(name)
-    if action is None:
-        lower = name.lower()
-        # Names with "_" are dropped outright: some servers (CGI, WSGI, many frameworks) read
-        # "X_Toolio_Key_Id" as "X-Toolio-Key-Id", which would let a client spoof identity.
-        if "_" in lower or lower in _REQUEST_DROP or lower.startswith("x-toolio-"):
-            action = _DROP
-        elif lower in _FORWARDED:
-            action = _FORWARDING
-        else:
-            action = _KEEP
-        if len(_name_actions) >= 4096:
-            _name_actions.clear()
-        _name_actions[name] = action
-    return action
-
-
-def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Principal, assertion: str,
-                          peer: str, peer_trusted: bool, proto: str, host: str) -> list[tuple[str, str]]:
-    """What goes upstream: the client's headers minus credentials, hop-by-hop fields, anything
-    that could pose as our identity headers, and untrusted forwarding info; plus exactly one
-    of each identity and X-Forwarded-* header."""
-    items = incoming if isinstance(incoming, list | tuple) else list(incoming)
-    named_in_connection: set[str] = set()
-    for name, value in items:
-        if name.lower() == "connection":
-            named_in_connection |= connection_tokens((value,))
-    kept: list[tuple[str, str]] = []
-    forwarded_for: list[str] = []
-    forwarded_proto: str | None = None
-    forwarded_host: str | None = None
-    for name, value in items:
-        action = _action(name)
-        if action == _DROP or (named_in_connection and name.lower() in named_in_connection):
-            continue
-        if action == _FORWARDING:
-            if peer_trusted:
-                lower = name.lower()
-                if lower == "x-forwarded-for":
-                    forwarded_for.extend(h.strip() for h in value.split(",") if h.strip())
-                elif lower == "x-forwarded-proto" and forwarded_proto is None:
-                    forwarded_proto = value.strip()
-                elif lower == "x-forwarded-host" and forwarded_host is None:
-                    forwarded_host = value.strip()
-                elif lower == "forwarded":
-                    kept.append((name, value))
-            continue
-        kept.append((name, value))
-    # X-Forwarded-For lists hops left to right; the peer we saw is always the last one.
-    forwarded_for.append(peer)
-    # None of these names can be in ``kept`` (dropped above), so appending keeps exactly one.
-    kept += (
-        ("X-Forwarded-For", ", ".join(forwarded_for)),
-        ("X-Forwarded-Proto", forwarded_proto or proto),
-        ("X-Forwarded-Host", forwarded_host or host),
-        ("X-Toolio-Key-Id", principal.key_id),
-        ("X-Toolio-Key-Name", principal.name),
-        ("X-Toolio-Workspace", principal.workspace),
-        ("X-Toolio-Roles", principal.roles_header),
-        ("X-Toolio-Permissions", principal.permissions_header),
-        ("X-Toolio-Assertion", assertion),
-    )
-    return kept
-
-
-def request_head(method: str, target: str, authority: str, fields: list[tuple[str, str]], framing: str) -> bytes:
-    """The upstream request's head (RFC 9112 3, 5): request line, Host, ``fields``, the framing
-    field, blank line. Field names and values came through the server's parser (llhttp rejects
-    CR, LF and NUL in them) or are the sidecar's own, so nothing here can split the head.
-    utf-8 with surrogateescape reverses the listener's decoding: the client's bytes pass unchanged."""
-    parts = [f"{method} {target} HTTP/1.1\r\nHost: {authority}\r\n"]
-    parts += [f"{name}: {value}\r\n" for name, value in fields]
-    parts.append(framing)
-    parts.append("\r\n")
-    return "".join(parts).encode("utf-8", "surrogateescape")
-
-
-def response_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
-    """The upstream's response fields minus hop-by-hop ones, which RFC 9110 7.6.1 scopes to one
-    connection in responses too (including any the upstream names in its own Connection), and
-    minus Content-Length, which the listener writes from the body it actually sends."""
-    items = headers if isinstance(headers, list | tuple) else list(headers)
-    named = connection_tokens(value for name, value in items if name.lower() == "connection")
-    if named:
-        return [(name, value) for name, value in items
-                if (lower := name.lower()) not in _RESPONSE_DROP and lower not in named]
-    return [(name, value) for name, value in items if name.lower() not in _RESPONSE_DROP]
-
-
 def send_error(request: Request, exc: SidecarError, *, close: bool = False) -> None:
     """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors)."""
-    response = exc.response()
-    body = response.body
-    assert isinstance(body, bytes)
-    request.respond(response.status, response.reason, response.headers.items(), body,
-                    close=close or response.keep_alive is False)
-
-
-class StreamRegistry:
-    """In-flight proxied requests per key id, so that disabling a key can cut its open streams
-    (SPEC 2: within 1 s) and shutdown can wait for them to drain."""
-
-    def __init__(self) -> None:
-        self._by_key: dict[str, set[asyncio.Task[object]]] = {}
-        self.cut_tasks: set[asyncio.Task[object]] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
-        self._count = 0
-        # key id -> when it was last cut (perf_counter): a request whose authentication began
-        # before that moment must not start forwarding afterwards (see was_cut_since).
-        self._cut_at: dict[str, float] = {}
-        # key id -> the timer that cuts its requests when the key expires (one per key with
-        # requests in flight): an expired key's open stream ends within 1 s of expires_at,
-        # as a disabled key's does.
-        self._expiry_timers: dict[str, asyncio.TimerHandle] = {}
-
-    def add(self, key_id: str, task: asyncio.Task[object], deadline: float | None = None) -> None:
-        """Track ``task`` as in flight for ``key_id``; ``deadline`` (epoch seconds) is when the
-        key stops authenticating (expiry or scheduled disable): its requests are cut then."""
-        tasks = self._by_key.get(key_id)
-        if tasks is None:
-            tasks = self._by_key[key_id] = set()
-        tasks.add(task)
-        self._count += 1
-        self.idle.clear()
-        if deadline is not None and key_id not in self._expiry_timers:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, deadline - time.time())
-            self._expiry_timers[key_id] = loop.call_at(loop.time() + delay, self._expired, key_id)
-
-    def _expired(self, key_id: str) -> None:
-        self._expiry_timers.pop(key_id, None)
-        self.cut(key_id)
-
-    def discard(self, key_id: str, task: asyncio.Task[object]) -> None:
-        tasks = self._by_key.get(key_id)
-        if tasks is not None and task in tasks:
-            tasks.discard(task)
-            self._count -= 1
-            if not tasks:
-                del self._by_key[key_id]
-                timer = self._expiry_timers.pop(key_id, None)
-                if timer is not None:
-                    timer.cancel()
-            if self._count == 0:
-                self.idle.set()
-        self.cut_tasks.discard(task)
-
-    def __len__(self) -> int:
-        return self._count
-
-    def cut(self, key_id: str) -> int:
-        """Cancel every in-flight request of ``key_id``; returns how many."""
-        now = time.perf_counter()
-        if len(self._cut_at) > 10_000:
-            self._cut_at = {k: t for k, t in self._cut_at.items() if now - t < 60}
-        self._cut_at[key_id] = now
-        tasks = list(self._by_key.get(key_id, ()))
-        for task in tasks:
-            self.cut_tasks.add(task)
-            task.cancel()
-        return len(tasks)
-
-    def was_cut_since(self, key_id: str, moment: float) -> bool:
-        """Was ``key_id`` cut at or after ``moment`` (a perf_counter reading)?"""
-        at = self._cut_at.get(key_id)
-        return at is not None and at >= moment
-
-    def uncut(self, key_id: str) -> None:
-        """The key is usable again (enabled): forget its last cut."""
-        self._cut_at.pop(key_id, None)
-
-    def cut_all(self) -> int:
-        return sum(self.cut(key_id) for key_id in list(self._by_key))
-
-
-class SessionBindings:
-    """Mcp-Session-Id -> the key id that opened it (MCP security best practices: bind sessions
-    to the caller). The store holds the bindings, so they survive restarts and hold on every
-    replica sharing it; a binding is made once, when the upstream issues the id, and never moves
-    to another key. Owners read once are remembered here: a binding never changes, so a cached
-    owner cannot go stale, and an active session costs no store read per request."""
-
-    def __init__(self, store: KeyStore, maxsize: int, ttl: float) -> None:
-        self._store = store
-        # Forgotten here no later than the store's pruning forgets them (see Services).
-        self._owners: TTLCache[str, str] = TTLCache(maxsize, ttl, timer=time.monotonic)
-        self._seen: dict[str, float] = {}
-
-    async def owner(self, session_id: str) -> str | None:
-        owner = self._owners.get(session_id)
-        if owner is None:
-            owner = await self._store.session_owner(session_id)
-            if owner is not None:
-                self._owners[session_id] = owner
-        if owner is not None:
-            self._seen[session_id] = time.time()
-        return owner
-
-    async def bind(self, session_id: str, key_id: str) -> str:
-        """Bind (unless bound already) and return the owner."""
-        owner = self._owners.get(session_id)
-        if owner is None:
-            owner = await self._store.bind_session(session_id, key_id, utcnow())
-            self._owners[session_id] = owner
-        return owner
-
-    def take_seen(self) -> dict[str, datetime]:
-        """Last-use times since the previous call, for one batched store write."""
-        seen, self._seen = self._seen, {}
-        return {k: datetime.fromtimestamp(t, UTC) for k, t in seen.items()}
+    status, fields, body = exc.render()
+    request.respond(status, reason_phrase(status), fields, body, close=close or exc.close)
 
 
 class _BodyTooLarge(Exception):
     pass
 
 
-class _ClosingError(ProxyError):
-    """A refusal after which the connection's remaining bytes are not read: a body we cannot
-    frame, or one we will not take (RFC 9110 15.5.14: on 413 the server MAY close the connection)."""
-
-    def response(self) -> web.Response:
-        response = super().response()
-        response.force_close()
-        return response
-
-
-class _MalformedBody(_ClosingError):
-    def __init__(self) -> None:
-        super().__init__(400, "invalid_request", "Malformed request body")
+def _malformed_body() -> ProxyError:
+    # After these refusals the connection's remaining bytes are not read: a body we cannot
+    # frame, or one we will not take (RFC 9110 15.5.14: on 413 the server MAY close the connection).
+    return ProxyError(400, "invalid_request", "Malformed request body", close=True)
 
 
 def _body_too_large(limit: int) -> ProxyError:
-    return _ClosingError(413, "body_too_large", f"Request body exceeds {limit} bytes")
+    return ProxyError(413, "body_too_large", f"Request body exceeds {limit} bytes", close=True)
 
 
 @dataclass(slots=True)
@@ -476,11 +233,12 @@ class ProxyHandler:
                     async with asyncio.timeout(self._head_timeout):
                         data = await request.read_body()
                 except BodyError:
-                    raise _MalformedBody() from None
+                    raise _malformed_body() from None
                 except TimeoutError:
-                    raise _ClosingError(408, "request_timeout", "The request body did not arrive in time") from None
+                    raise ProxyError(408, "request_timeout", "The request body did not arrive in time",
+                                     close=True) from None
             if len(data) != length:
-                raise _MalformedBody()
+                raise _malformed_body()
             framing = f"Content-Length: {length}\r\n"
         else:
             data = body()
@@ -528,7 +286,7 @@ class ProxyHandler:
             return self._too_large()
         if malformed or isinstance(exc, BodyError):
             # The client's body broke its own framing (RFC 9112 7.1): a 400, not an upstream fault.
-            return _MalformedBody()
+            return _malformed_body()
         if isinstance(exc, TimeoutError):
             self._metrics.upstream_errors.labels("timeout").inc()
             return ProxyError(504, "upstream_timeout", "The MCP server did not answer in time")

@@ -1,4 +1,5 @@
-"""The bundled example MCP server (used by ``toolio-sidecar demo`` and by the tests).
+"""The bundled example MCP server (used by ``toolio-sidecar demo`` and by the tests); it needs
+the ``[demo]`` extra (the official MCP SDK and uvicorn), which the plain package does not install.
 
 A plain, unmodified MCP server built with the official Python SDK. It knows nothing about
 the sidecar: it only reports, through the ``whoami`` tool, which identity headers reached it.
@@ -26,11 +27,15 @@ from collections.abc import Iterator
 from types import TracebackType
 from typing import Any
 
-import uvicorn
-from mcp.server import MCPServer
-from mcp.server.mcpserver import Context
-from mcp.server.transport_security import TransportSecuritySettings
-from starlette.applications import Starlette
+try:
+    import uvicorn
+    from mcp.server import MCPServer
+    from mcp.server.mcpserver import Context
+    from mcp.server.transport_security import TransportSecuritySettings
+    from starlette.applications import Starlette
+except ImportError as missing:  # the plain package (and the container image) has no MCP server
+    raise ImportError(f"the example MCP server needs the demo extra: pip install 'toolio-sidecar[demo]' "
+                      f"({missing})") from missing
 
 __all__ = [
     "ALLOWED_HOSTS",

@@ -36,6 +36,8 @@ from urllib.parse import urlsplit
 
 import httptools
 
+from sidecar.http.deadline import Deadline
+
 # RFC 9110 9.2.2.
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
 # Idle pooled connections older than this are closed: below the 5 s keep-alive timeout of
@@ -108,11 +110,10 @@ class _Conn(asyncio.Protocol):
         self.write_paused = False
         self.drain_waiter: asyncio.Future[None] | None = None
         self.writer: asyncio.Task[None] | None = None
-        # The wait for a response head is bounded by a deadline plus at most one lazily
-        # re-armed timer per connection, not a timer per request (asyncio.timeout schedules and
-        # cancels one each time, which showed in the profile).
-        self.head_deadline: float | None = None
-        self.head_timer: asyncio.TimerHandle | None = None
+        # The wait for a response head is bounded by one lazily re-armed Deadline per connection,
+        # not a timer per request (asyncio.timeout schedules and cancels one each time, which
+        # showed in the profile).
+        self.head_deadline = Deadline(pool.loop, self._head_late)
 
     # -- asyncio.Protocol ------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -156,9 +157,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_deadline.cancel()
         self.pool._forget(self)
         if self.busy and not self.complete:
             if self.headers_done and self.until_eof and exc is None:
@@ -231,7 +230,7 @@ class _Conn(asyncio.Protocol):
                 elif lower == b"content-length":
                     length = True
             self.until_eof = coding != b"chunked" if coding is not None else not length
-        self.head_deadline = None
+        self.head_deadline.disarm()
         head = self.head
         if head is not None and not head.done():
             head.set_result(None)
@@ -276,9 +275,7 @@ class _Conn(asyncio.Protocol):
         loop = self.pool.loop
         self.busy = True
         self.head = loop.create_future()
-        self.head_deadline = deadline = loop.time() + head_timeout
-        if self.head_timer is None:
-            self.head_timer = loop.call_at(deadline, self._head_check)
+        self.head_deadline.arm(head_timeout)
         self.head_only = method == "HEAD"
         self.got_bytes = self.interim = self.until_eof = self.headers_done = False
         self.complete = self.keep_alive = False
@@ -288,16 +285,7 @@ class _Conn(asyncio.Protocol):
         self.chunks.clear()
         self.buffered = 0
 
-    def _head_check(self) -> None:
-        self.head_timer = None
-        deadline = self.head_deadline
-        if deadline is None:
-            return
-        loop = self.pool.loop
-        if loop.time() < deadline:
-            self.head_timer = loop.call_at(deadline, self._head_check)
-            return
-        self.head_deadline = None
+    def _head_late(self) -> None:
         head = self.head
         if head is not None and not head.done():
             head.set_exception(TimeoutError())
@@ -367,7 +355,7 @@ class _Conn(asyncio.Protocol):
             writer.cancel()
         self.busy = False
         self.head = None
-        self.head_deadline = None
+        self.head_deadline.disarm()
         if clean:
             self.pool._release(self)
         else:
@@ -378,10 +366,7 @@ class _Conn(asyncio.Protocol):
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def close(self) -> None:
-        self.head_deadline = None
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.head_deadline.cancel()
         if self.transport is not None and not self.closed:
             self.transport.abort()
         self.closed = True

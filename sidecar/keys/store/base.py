@@ -1,0 +1,109 @@
+"""The :class:`KeyStore` interface every backend implements (SQLite, PostgreSQL) and its errors."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+
+from sidecar.keys.records import AuditRecord, KeyRecord
+
+
+class StoreError(Exception):
+    """The store cannot do what was asked (not a validation problem)."""
+
+
+class DuplicateName(StoreError):
+    pass
+
+
+class DuplicateLookupId(StoreError):
+    pass
+
+
+class KeyStore(ABC):
+    """What the sidecar needs from a store; every write that changes a key carries its audit row
+    and both land in one transaction (an API success means both are durable)."""
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def ping(self) -> None:
+        """Raise if the store is not usable (readiness)."""
+
+    @abstractmethod
+    async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord: ...
+
+    @abstractmethod
+    async def get_key(self, key_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None: ...
+
+    @abstractmethod
+    async def list_keys(self, workspace: str) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def set_status(self, key_id: str, status: str, now: datetime,
+                         audit: AuditRecord) -> KeyRecord | None:
+        """Enable or disable (never delete); clears a scheduled disable when enabling."""
+
+    @abstractmethod
+    async def schedule_disable(self, key_id: str, when: datetime | None) -> None: ...
+
+    @abstractmethod
+    async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def due_expiries(self, now: datetime) -> list[KeyRecord]:
+        """Keys whose ``expires_at`` has passed and whose expiry has no audit event yet."""
+
+    @abstractmethod
+    async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
+        """Write the expiry's audit event unless another process already did; True if written."""
+
+    @abstractmethod
+    async def update_hash(self, key_id: str, key_hash: str) -> None: ...
+
+    @abstractmethod
+    async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None: ...
+
+    @abstractmethod
+    async def append_audit(self, events: Iterable[AuditRecord]) -> None: ...
+
+    @abstractmethod
+    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]: ...
+
+    @abstractmethod
+    async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
+        """Keys changed after ``revision`` and the newest revision (for cross-process sync)."""
+
+    @abstractmethod
+    async def external_change_marker(self) -> int:
+        """A number that moves when another connection/process commits (cheap to poll)."""
+
+    @abstractmethod
+    async def count_by_status(self, workspace: str) -> dict[str, int]: ...
+
+    # MCP session bindings (MCP security best practices: bind a session to its caller). Kept in
+    # the store so that a binding holds after a restart and on every replica sharing the store.
+
+    @abstractmethod
+    async def bind_session(self, session_id: str, key_id: str, now: datetime) -> str:
+        """Bind ``session_id`` to ``key_id`` unless it is bound already; an existing binding is
+        never moved. Returns the owner: the existing one, or ``key_id``."""
+
+    @abstractmethod
+    async def session_owner(self, session_id: str) -> str | None: ...
+
+    @abstractmethod
+    async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
+        """Record when bound sessions were last used (batched by the caller)."""
+
+    @abstractmethod
+    async def prune_sessions(self, older_than: datetime) -> int:
+        """Forget bindings not used since ``older_than``; returns how many."""
