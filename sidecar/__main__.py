@@ -19,7 +19,9 @@ import os
 import re
 import sqlite3
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import asdict
 from importlib.metadata import entry_points
 from typing import Any, NoReturn
 
@@ -30,10 +32,20 @@ from sidecar.keys.errors import InvalidInput, KeyDomainError
 from sidecar.keys.format import KeyHasher
 from sidecar.keys.manager import KeyManager, key_json
 from sidecar.keys.records import DISABLED, ENABLED
-from sidecar.keys.store.base import StoreError
-from sidecar.keys.store.sqlite import SQLiteKeyStore
+from sidecar.keys.store import store_for
+from sidecar.keys.store.base import KeyStore, StoreError
+from sidecar.keys.store.copy import copy_store
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
+from sidecar.proxy.assertion import (
+    STORED_KEYS,
+    STORED_KEYS_PUBLISH_SECONDS,
+    STORED_KEYS_REFRESH_SECONDS,
+    configured_keys,
+    rotated_key_set,
+    signing_keys,
+    stored_key_set,
+)
 from sidecar.settings import CONFIG_ENV, Settings, SettingsError, load_settings
 
 # Key ids are "key_" + base62 (sidecar.keys.new_key_id). Anything outside this is a usage error
@@ -90,6 +102,20 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
     for sub in keys.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
+
+    with_config(commands.add_parser(
+        "migrate", help="apply the store's schema migrations (e.g. from a Helm hook Job); serve does it too"))
+    store = commands.add_parser("store", help="move keys between stores").add_subparsers(
+        dest="store_command", required=True)
+    copy = store.add_parser("copy", help="copy keys and the audit log from one store into another (idempotent)")
+    copy.add_argument("--from-config", required=True, metavar="PATH", help="config of the store to copy from")
+    copy.add_argument("--to-config", required=True, metavar="PATH", help="config of the store to copy into")
+    signing = commands.add_parser("signing", help="signing keys kept in a shared store").add_subparsers(
+        dest="signing_command", required=True)
+    with_config(signing.add_parser(
+        "rotate", help="add a new signing key: published by every replica at once, used for signing later"))
+    for sub in (*store.choices.values(), *signing.choices.values(), commands.choices["migrate"]):
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
@@ -104,15 +130,23 @@ def _settings(args: argparse.Namespace) -> Settings:
     return _load(args.config or os.environ.get(CONFIG_ENV) or "config.toml")
 
 
-async def _with_manager(settings: Settings,
-                        action: Callable[[KeyManager], Awaitable[int]]) -> int:
-    store = SQLiteKeyStore(settings.database_path)
+async def _opened(settings: Settings) -> KeyStore:
+    store = store_for(settings)
     try:
         await store.open()
     except (OSError, sqlite3.Error, StoreError) as exc:
+        if store.shared:
+            # The message names the server, never the URL's password (the store redacts it).
+            raise SettingsError(_STORE_URL_KEY, str(exc)) from None
         # data_dir is a file, not writable, or holds something that is not this store.
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise SettingsError("data_dir", f"cannot open the store {settings.database_path}: {reason}") from None
+    return store
+
+
+async def _with_manager(settings: Settings,
+                        action: Callable[[KeyManager], Awaitable[int]]) -> int:
+    store = await _opened(settings)
     try:
         # Audit rows go to the store; the CLI's stdout is for the command's own output.
         log = JsonLog(stream=sys.stderr, level="warning")
@@ -188,6 +222,77 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
         return 2
 
 
+_STORE_URL_KEY = "store.url"
+
+
+def _run_one_line(work: Coroutine[Any, Any, int]) -> int:
+    """Run a store command; its failures are one line on stderr (config: 2, store: 1)."""
+    try:
+        return asyncio.run(work)
+    except SettingsError as exc:
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+
+
+async def _migrate(settings: Settings, as_json: bool) -> int:
+    store = store_for(settings)
+    try:
+        applied = await store.migrate()
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot migrate {store.description}: {exc}") from None
+    print(json.dumps({"applied": applied}) if as_json else f"{store.description}: {applied} migration(s) applied")
+    return 0
+
+
+async def _copy(from_path: str, to_path: str, as_json: bool) -> int:
+    source_settings, target_settings = _load(from_path), _load(to_path)
+    source = await _opened(source_settings)
+    try:
+        target = await _opened(target_settings)
+        try:
+            if source.description == target.description:
+                raise SettingsError("--to-config", "names the same store as --from-config")
+            report = await copy_store(source, target)
+        finally:
+            await target.close()
+    finally:
+        await source.close()
+    if as_json:
+        print(json.dumps(asdict(report)))
+    else:
+        print(f"copied {report.keys_copied} key(s) and {report.events_copied} audit event(s) "
+              f"from {source.description} to {target.description}; already there: "
+              f"{report.keys_already_there} key(s), {report.events_already_there} event(s)")
+    return 0
+
+
+async def _rotate_signing(settings: Settings, as_json: bool) -> int:
+    if configured_keys(settings.signing) or not settings.store.shared:
+        raise SettingsError("signing", "only a key set kept in a shared store is rotated here; configured "
+                                       "keys rotate by adding the new key second, then moving it first "
+                                       "(docs/operations.md, Rotating signing keys)")
+    store = await _opened(settings)
+    try:
+        now = time.time()
+        name = STORED_KEYS.format(algorithm=settings.signing.algorithm)
+        current = await signing_keys(settings.signing, settings.data_dir, store)
+        document = rotated_key_set(await store.get_or_create_secret(name, lambda: ""),
+                                   settings.signing.algorithm, now)
+        await store.put_secret(name, document)
+        keys = stored_key_set(document, settings.signing.algorithm, now + STORED_KEYS_PUBLISH_SECONDS)
+    finally:
+        await store.close()
+    result = {"new_kid": keys[0].kid, "signing_kid_now": current[0].kid,
+              "signs_after_seconds": STORED_KEYS_PUBLISH_SECONDS}
+    print(json.dumps(result) if as_json else
+          f"new signing key {keys[0].kid}: published by every replica within "
+          f"{STORED_KEYS_REFRESH_SECONDS:.0f} s, signing in {STORED_KEYS_PUBLISH_SECONDS:.0f} s")
+    return 0
+
+
 def _demo_command() -> Callable[..., int] | None:
     """The ``demo`` command, joined through an entry point as the admin package is: the demo
     builds on the sidecar, never the other way round. None (with a one-line message) when the
@@ -218,11 +323,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
                 return 2
         return run_demo(port=args.port, once=args.once, roles=roles)
+    if args.command == "store":
+        return _run_one_line(_copy(args.from_config, args.to_config, args.json))
     try:
         settings = _settings(args)
     except SettingsError as exc:
         print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
         return 2
+    if args.command == "migrate":
+        return _run_one_line(_migrate(settings, args.json))
+    if args.command == "signing":
+        return _run_one_line(_rotate_signing(settings, args.json))
     if args.command == "serve":
         from sidecar.runtime.server import serve
 

@@ -6,6 +6,7 @@
     │   ├── MalformedCredentials  400, error="invalid_request"
     │   ├── InvalidToken          401, error="invalid_token" (unknown, wrong, disabled, expired)
     │   └── RateLimited           429 + Retry-After
+    ├── StoreUnavailable          503 + Retry-After: the key store cannot be read
     ├── ProxyError                the proxy's own refusals and upstream failures
     │                             (400 / 403 / 413 / 502 / 503 / 504)
     └── ApiError                  admin API: {"error": code, "message": text, "field": name};
@@ -113,6 +114,20 @@ class RateLimited(AuthError):
 
     def headers(self) -> Fields:
         return [("Retry-After", str(self.retry_after))]
+
+
+class StoreUnavailable(SidecarError):
+    """The key store cannot be read, and the answer depends on it: 503, retry shortly. Never a
+    key let through on a guess (docs/operations.md, Several replicas)."""
+
+    status = 503
+    code = "store_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The key store is unavailable; retry shortly")
+
+    def headers(self) -> Fields:
+        return [("Retry-After", "1")]
 
 
 class ProxyError(SidecarError):

@@ -54,6 +54,15 @@ class Metrics:
         self.cache_evictions = Counter(
             PREFIX + "cache_evictions", "Verified keys evicted by the LRU bound.", registry=registry)
         self.cache_size = Gauge(PREFIX + "cache_size", "Verified keys in the cache.", registry=registry)
+        self.cache_trusted = Gauge(
+            PREFIX + "key_cache_trusted",
+            "1 while every key change is known to be applied here (always with SQLite); 0 while the "
+            "shared store's change feed is stale and keys are re-checked in the store per request.",
+            registry=registry)
+        self.cache_trusted.set(1)
+        self.store_unavailable = Counter(
+            PREFIX + "store_unavailable", "Requests answered 503 because the key store could not be read.",
+            registry=registry)
         self.argon2_seconds = Histogram(
             PREFIX + "argon2_verify_seconds", "Duration of argon2id verifications.", registry=registry,
             buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5))

@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 CONFIG_ENV = "TOOLIO_SIDECAR_CONFIG"
 # PEM block(s), newest first (or the HS256 secret), e.g. from a Kubernetes Secret.
 SIGNING_KEYS_ENV = "TOOLIO_SIDECAR_SIGNING_KEYS"
+# The shared store's URL (it carries a password), e.g. from a Kubernetes Secret.
+STORE_URL_ENV = "TOOLIO_SIDECAR_STORE_URL"
 
 ALGORITHMS = ("ES256", "EdDSA", "HS256")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -102,6 +104,20 @@ class SigningSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class StoreSettings:
+    """Where keys live: empty ``url`` is SQLite in ``data_dir`` (one replica); a
+    ``postgresql://`` URL is shared by every replica (docs/operations.md, Several replicas)."""
+
+    url: str = field(default="", repr=False)  # may carry a password: never in a repr or log
+    max_staleness_seconds: float = 5.0
+    pool_size: int = 10
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.url)
+
+
+@dataclass(frozen=True, slots=True)
 class Role:
     name: str
     description: str
@@ -119,6 +135,7 @@ class Settings:
     argon2: Argon2Settings = Argon2Settings()
     admin: AdminSettings = AdminSettings()
     signing: SigningSettings = SigningSettings()
+    store: StoreSettings = StoreSettings()
     roles: Mapping[str, Role] = field(default_factory=dict)
 
     @property
@@ -274,6 +291,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     argon2 = _load_argon2(_Section(top.table("argon2"), "argon2."))
     admin = _load_admin(_Section(top.table("admin"), "admin."))
     signing = _load_signing(_Section(top.table("signing"), "signing."), environ, base_dir)
+    store = _load_store(_Section(top.table("store"), "store."), environ)
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
@@ -281,7 +299,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
-                    admin=admin, signing=signing, roles=roles)
+                    admin=admin, signing=signing, store=store, roles=roles)
 
 
 def _clash(a: ListenAddress, b: ListenAddress) -> bool:
@@ -387,6 +405,29 @@ def _load_signing(s: _Section, environ: Mapping[str, str], base_dir: Path) -> Si
         audience=audience,
         lifetime_seconds=s.integer("lifetime_seconds", 60, minimum=1, maximum=3600),
         env_keys=env_keys,
+    )
+    s.reject_unknown()
+    return result
+
+
+def _load_store(s: _Section, environ: Mapping[str, str]) -> StoreSettings:
+    url = environ.get(STORE_URL_ENV) or s.string("url", "")
+    key = STORE_URL_ENV if environ.get(STORE_URL_ENV) else s.key("url")
+    if url:
+        parts = urlsplit(url)
+        # The message never repeats the URL: it may carry a password.
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise SettingsError(key, "expected a postgresql:// URL (or empty for SQLite in data_dir)")
+        try:
+            parts.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise SettingsError(key, "the URL's port is not a number") from None
+        if not parts.hostname and "host=" not in parts.query:
+            raise SettingsError(key, "the URL names no host")
+    result = StoreSettings(
+        url=url,
+        max_staleness_seconds=s.number("max_staleness_seconds", 5.0, minimum=0.5, maximum=3600),
+        pool_size=s.integer("pool_size", 10, minimum=1, maximum=1000),
     )
     s.reject_unknown()
     return result

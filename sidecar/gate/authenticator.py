@@ -22,10 +22,17 @@ import time
 from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import unquote
 
-from sidecar.errors import AuthError, InvalidToken, MalformedCredentials, MissingCredentials, RateLimited
+from sidecar.errors import (
+    AuthError,
+    InvalidToken,
+    MalformedCredentials,
+    MissingCredentials,
+    RateLimited,
+    StoreUnavailable,
+)
 from sidecar.gate.buckets import FailureLimiter
 from sidecar.gate.cache import KeyCache
 from sidecar.gate.peers import ClientRequest
@@ -113,10 +120,21 @@ def bearer_token(request: ClientRequest) -> str:
     return token
 
 
+class CacheTrust(Protocol):
+    """Whether a verified key in the cache may be believed without asking the store (False
+    while a shared store's change feed is stale: see sidecar.runtime.key_events)."""
+
+    trusted: bool
+
+
+class _AlwaysTrusted:
+    trusted = True
+
+
 class Authenticator:
     def __init__(self, settings: Settings, store: KeyStore, cache: KeyCache, hasher: KeyHasher,
                  metrics: Metrics, audit: AuditLog, last_used: LastUsed,
-                 client_address: Callable[[ClientRequest], str]) -> None:
+                 client_address: Callable[[ClientRequest], str], trust: CacheTrust | None = None) -> None:
         self._settings = settings
         self._store = store
         self._cache = cache
@@ -125,6 +143,7 @@ class Authenticator:
         self._audit = audit
         self._last_used = last_used
         self._client_address = client_address
+        self._trust: CacheTrust = trust or _AlwaysTrusted()
         self._by_address = FailureLimiter(settings.auth.failures_per_minute_per_address)
         self._by_lookup = FailureLimiter(settings.auth.failures_per_minute_per_lookup_id)
         self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
@@ -157,6 +176,8 @@ class Authenticator:
                 if principal.deadline is not None and time.time() >= principal.deadline:
                     self._fail(principal.lookup_id, request, "expired")
                     raise InvalidToken("expired")
+                if not self._trust.trusted:
+                    await self._recheck(principal, request)
                 self._metrics.count_cache_hit()
                 self._last_used.touch(principal.key_id)
                 return principal
@@ -168,6 +189,27 @@ class Authenticator:
             raise InvalidToken() from None
         self._metrics.cache_misses.inc()
         return await self._verify(parsed, digest, request)
+
+    async def _recheck(self, principal: Principal, request: ClientRequest) -> None:
+        """The cache may be missing a change (the feed is stale): read the key's status from the
+        store. The secret was proven when the key was cached; only its state can have moved."""
+        record = await self._read(principal.lookup_id)
+        reason = self._unusable(record)
+        if reason is None and record is not None and record.revision != principal.revision:
+            # Changed since it was cached (roles, a scheduled disable): verify afresh next time.
+            self._cache.invalidate(principal.key_id)
+        if reason is not None:
+            self._cache.invalidate(principal.key_id)
+            self._fail(principal.lookup_id, request, reason)
+            raise InvalidToken(reason)
+
+    async def _read(self, lookup_id: str) -> KeyRecord | None:
+        try:
+            return await self._store.get_by_lookup_id(lookup_id)
+        except Exception:
+            # Never a guess: with the store unreadable, a key's state is unknown (503, retry).
+            self._metrics.store_unavailable.inc()
+            raise StoreUnavailable() from None
 
     def forgive(self, lookup_id: str) -> None:
         """Forget failures against ``lookup_id`` (its key was just enabled again)."""
@@ -221,7 +263,7 @@ class Authenticator:
 
     async def _verify_once(self, parsed: ParsedKey, digest: bytes, client: str) -> Principal:
         epoch = self._cache.epoch
-        record = await self._store.get_by_lookup_id(parsed.lookup_id)
+        record = await self._read(parsed.lookup_id)
         reason = self._unusable(record)
         if reason is not None:
             # Disabled / expired / unknown keys are refused before argon2: nothing to learn from
@@ -251,7 +293,7 @@ class Authenticator:
         if epoch != self._cache.epoch:
             # Something was invalidated while we verified: read the key again rather than trust
             # a record that may predate a disable (the refill race).
-            record = await self._store.get_by_lookup_id(parsed.lookup_id)
+            record = await self._read(parsed.lookup_id)
             reason = self._unusable(record)
             if reason is not None:
                 raise InvalidToken(reason)

@@ -23,6 +23,7 @@ class Principal:
     roles: tuple[str, ...]          # sorted
     permissions: tuple[str, ...]    # sorted union of the roles' permissions (SPEC 1)
     deadline: float | None          # epoch seconds: expiry or scheduled disable
+    revision: int                   # the store revision of the record it was made from
     # Pre-rendered once per cache fill so that a cache hit does no formatting work.
     roles_header: str
     permissions_header: str
@@ -41,6 +42,6 @@ class Principal:
         )[:-1]
         return cls(
             key_id=record.id, lookup_id=record.lookup_id, name=record.name, workspace=record.workspace,
-            roles=roles, permissions=perms, deadline=record.deadline(),
+            roles=roles, permissions=perms, deadline=record.deadline(), revision=record.revision,
             roles_header=",".join(roles), permissions_header=",".join(perms), claims_prefix=claims_prefix,
         )

@@ -1,4 +1,4 @@
-"""The signed identity assertion (SPEC 4): sign, publish (JWKS), and verify.
+"""The signed identity assertion (docs/reference/headers.md): sign, publish (JWKS), and verify.
 
 ``X-Toolio-Assertion`` is a compact JWS (RFC 7515) carrying a JWT (RFC 7519) with header
 ``{"alg", "kid", "typ": "toolio+jwt"}`` (RFC 8725 3.11: explicit typing so this token cannot be
@@ -19,10 +19,10 @@ import json
 import os
 import secrets
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import jwt
 from cryptography.hazmat.primitives import hashes, serialization
@@ -120,16 +120,7 @@ def _generate(algorithm: str) -> tuple[PrivateKey, bytes]:
 def load_signing_keys(signing: SigningSettings, data_dir: Path) -> list[SigningKey]:
     """Configured keys, newest first: the environment's, then the files'. With none configured,
     a key generated once into ``data_dir`` (mode 0600) and reused on later starts."""
-    keys: list[SigningKey] = []
-    if signing.env_keys:
-        keys += _parse_material(signing.algorithm, signing.env_keys.encode(), "TOOLIO_SIDECAR_SIGNING_KEYS")
-    for index, path in enumerate(signing.private_key_files):
-        where = f"signing.private_key_files[{index}]"
-        try:
-            material = path.read_bytes()
-        except OSError as exc:
-            raise SettingsError(where, f"cannot read {path}: {exc.strerror}") from None
-        keys += _parse_material(signing.algorithm, material, where)
+    keys = configured_keys(signing)
     if keys:
         return keys
     suffix = "key" if signing.algorithm == "HS256" else "pem"
@@ -150,21 +141,100 @@ def load_signing_keys(signing: SigningSettings, data_dir: Path) -> list[SigningK
     return [_make_key(signing.algorithm, private, str(path))]
 
 
+# A key set kept in a shared store (several replicas, no configured keys): a JSON document
+# {"keys": [{"key": PEM or secret, "sign_from": epoch seconds}, ...]}, newest first.
+STORED_KEYS = "signing_keys:{algorithm}"
+# How often replicas re-read a stored key set, and so how long a new key is published before
+# any replica signs with it (twice that, plus slack): rotation never has one replica signing
+# with a key another does not publish yet.
+STORED_KEYS_REFRESH_SECONDS = 30.0
+STORED_KEYS_PUBLISH_SECONDS = 2 * STORED_KEYS_REFRESH_SECONDS + 15
+STORED_KEYS_KEPT = 3
+
+
+class KeySource(Protocol):
+    """Where a shared signing key set lives (a :class:`~sidecar.keys.store.base.KeyStore`)."""
+
+    shared: bool
+
+    async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str: ...
+
+
+def configured_keys(signing: SigningSettings) -> list[SigningKey]:
+    """Keys from the environment and files, newest first (may be none)."""
+    keys: list[SigningKey] = []
+    if signing.env_keys:
+        keys += _parse_material(signing.algorithm, signing.env_keys.encode(), "TOOLIO_SIDECAR_SIGNING_KEYS")
+    for index, path in enumerate(signing.private_key_files):
+        where = f"signing.private_key_files[{index}]"
+        try:
+            material = path.read_bytes()
+        except OSError as exc:
+            raise SettingsError(where, f"cannot read {path}: {exc.strerror}") from None
+        keys += _parse_material(signing.algorithm, material, where)
+    return keys
+
+
+def _new_stored_entry(algorithm: str, sign_from: float) -> dict[str, Any]:
+    _, encoded = _generate(algorithm)
+    return {"key": encoded.decode("ascii"), "sign_from": sign_from}
+
+
+def stored_key_set(document: str, algorithm: str, now: float) -> list[SigningKey]:
+    """A stored key set as signing keys: the newest key whose ``sign_from`` has come first
+    (it signs), then every other key (published, so verifiers know it before and after)."""
+    entries = json.loads(document)["keys"]
+    keys = [(_parse_material(algorithm, entry["key"].encode(), "shared signing key set")[0],
+             float(entry["sign_from"])) for entry in entries]
+    signing = next((key for key, sign_from in keys if sign_from <= now), keys[-1][0])
+    return [signing, *(key for key, _ in keys if key is not signing)]
+
+
+async def signing_keys(signing: SigningSettings, data_dir: Path, store: KeySource) -> list[SigningKey]:
+    """The keys to sign and publish with, newest (signing) first: configured ones; else, on a
+    shared store, the key set every replica reads from it (generated once, first writer wins);
+    else a key generated into ``data_dir`` (one replica)."""
+    if signing.env_keys or signing.private_key_files or not store.shared:
+        return load_signing_keys(signing, data_dir)
+    name = STORED_KEYS.format(algorithm=signing.algorithm)
+    document = await store.get_or_create_secret(
+        name, lambda: json.dumps({"keys": [_new_stored_entry(signing.algorithm, 0.0)]}))
+    return stored_key_set(document, signing.algorithm, time.time())
+
+
+def rotated_key_set(document: str, algorithm: str, now: float,
+                    publish_seconds: float = STORED_KEYS_PUBLISH_SECONDS) -> str:
+    """``document`` with a new key in front that replicas publish at once and sign with only
+    after ``publish_seconds``; the oldest keys beyond a few are dropped."""
+    entries = json.loads(document)["keys"]
+    entries.insert(0, _new_stored_entry(algorithm, now + publish_seconds))
+    return json.dumps({"keys": entries[:STORED_KEYS_KEPT]})
+
+
 class Signer:
     """Signs per-request assertions with the newest key; publishes all public keys."""
 
     def __init__(self, keys: Sequence[SigningKey], signing: SigningSettings) -> None:
+        self._lifetime = signing.lifetime_seconds
+        self._jti_prefix = secrets.token_hex(8) + "-"
+        self._jti_counter = 0
+        self.use(keys)
+
+    def use(self, keys: Sequence[SigningKey]) -> None:
+        """Sign with ``keys[0]`` from now on and publish all of them."""
         if not keys:
             raise ValueError("at least one signing key is required")
         self._keys = tuple(keys)
         self._key = keys[0]
-        self._lifetime = signing.lifetime_seconds
         header = {"alg": self._key.algorithm, "kid": self._key.kid, "typ": TYP}
         self._header = _b64(json.dumps(header, separators=(",", ":")).encode()) + "."
         self._sign = self._signer_for(self._key)
-        self._jti_prefix = secrets.token_hex(8) + "-"
-        self._jti_counter = 0
         self._jwks = json.dumps({"keys": [dict(k.public_jwk) for k in self._keys if k.public_jwk]}).encode()
+
+    @property
+    def kids(self) -> tuple[str, ...]:
+        """Key ids, the signing one first."""
+        return tuple(k.kid for k in self._keys)
 
     @property
     def jwks_body(self) -> bytes:

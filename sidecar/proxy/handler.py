@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.errors import AuthError, InvalidToken, ProxyError, SidecarError
+from sidecar.errors import InvalidToken, ProxyError, SidecarError
 from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.gate.principal import Principal
@@ -99,7 +99,7 @@ class ProxyHandler:
             self._guard(request)
             principal = await self._auth.authenticate(request)
             await self._forward(request, principal, outcome, started)
-        except (AuthError, ProxyError) as exc:
+        except SidecarError as exc:
             outcome.status = exc.status
             if request.started:
                 request.abort()  # too late for an error answer: end the connection instead

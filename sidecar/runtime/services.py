@@ -26,14 +26,15 @@ from sidecar.http.client import UpstreamPool
 from sidecar.keys.audit import KEY_EXPIRED, AuditLog
 from sidecar.keys.format import KeyHasher
 from sidecar.keys.manager import KeyManager, run_scheduled_disables
-from sidecar.keys.records import DISABLED, KeyRecord, to_rfc3339, utcnow
+from sidecar.keys.records import to_rfc3339, utcnow
+from sidecar.keys.store import store_for
 from sidecar.keys.store.base import KeyStore
-from sidecar.keys.store.sqlite import SQLiteKeyStore
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.proxy.assertion import Signer, load_signing_keys
+from sidecar.proxy.assertion import STORED_KEYS_REFRESH_SECONDS, Signer, configured_keys, signing_keys
 from sidecar.proxy.handler import ProxyHandler
 from sidecar.proxy.streams import StreamRegistry
+from sidecar.runtime.key_events import KeyEvents
 from sidecar.settings import Settings
 
 
@@ -44,7 +45,7 @@ class Services:
         self.log = log or JsonLog(level=settings.log_level)
         self.registry = registry or CollectorRegistry()
         self.metrics = Metrics(self.registry)
-        self.store: KeyStore = store or SQLiteKeyStore(settings.database_path)
+        self.store: KeyStore = store or store_for(settings)
         self.hasher = KeyHasher(settings.argon2)
         self.cache = KeyCache(settings.auth.cache_size, settings.auth.negative_cache_size,
                               settings.auth.negative_cache_ttl_seconds,
@@ -54,7 +55,9 @@ class Services:
         self.streams = StreamRegistry()
         self.bindings = SessionBindings(self.store, settings.proxy.session_binding_max,
                                         settings.proxy.session_binding_ttl_seconds)
-        self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.key_changed)
+        self.events = KeyEvents(self.store, self.cache, self.streams, self.metrics, self.log,
+                                max_staleness_seconds=settings.store.max_staleness_seconds)
+        self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.events.key_changed)
         self.signer: Signer | None = None
         self.pool: UpstreamPool | None = None
         self.authenticator: Authenticator | None = None
@@ -63,8 +66,6 @@ class Services:
         self._users = 0
         self._lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._revision = 0
-        self._marker = 0
         self._next_prune = 0.0
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -83,27 +84,35 @@ class Services:
 
     async def _open(self) -> None:
         settings = self.settings
-        self.signer = Signer(load_signing_keys(settings.signing, settings.data_dir), settings.signing)
-        await self.store.open()
-        self._revision, _ = await self.store.changes_since(1 << 62)
-        self._marker = await self.store.external_change_marker()
+        await self.store.open()  # applies pending migrations (under a lock on a shared store)
+        try:
+            self.signer = Signer(await signing_keys(settings.signing, settings.data_dir, self.store),
+                                 settings.signing)
+            await self.events.start()
+        except BaseException:
+            await self.store.close()
+            raise
         proxy = settings.proxy
         self.pool = UpstreamPool(proxy.upstream, max_connections=proxy.upstream_max_connections,
                                  pool_timeout=proxy.upstream_pool_timeout_seconds,
                                  connect_timeout=proxy.upstream_timeout_seconds)
         self.metrics.watch_pool(self.pool)
         self.authenticator = Authenticator(settings, self.store, self.cache, self.hasher, self.metrics,
-                                           self.audit, self.last_used, self._client_address)
+                                           self.audit, self.last_used, self._client_address, trust=self.events)
+        self.events.on_enabled = self.authenticator.forgive
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
                                   self.log, self.streams, self.bindings)
         await self.refresh_key_gauge()
         self._tasks = [
-            asyncio.create_task(self._every(settings.auth.store_poll_seconds, self.poll_store), name="poll"),
+            asyncio.create_task(self._every(settings.auth.store_poll_seconds, self.events.poll), name="poll"),
             asyncio.create_task(self._every(settings.auth.last_used_flush_seconds, self.flush_last_used),
                                 name="last-used"),
             asyncio.create_task(self._every(1.0, self._housekeeping), name="housekeeping"),
             asyncio.create_task(self._every(0.5, self._flush_log), name="log-flush"),
         ]
+        if self.store.shared and not configured_keys(settings.signing):
+            self._tasks.append(asyncio.create_task(
+                self._every(STORED_KEYS_REFRESH_SECONDS, self.refresh_signing_keys), name="signing-keys"))
 
     def _client_address(self, request: ClientRequest) -> str:
         assert self.proxy is not None
@@ -114,6 +123,7 @@ class Services:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        await self.events.close()
         if self.authenticator is not None:
             await self.authenticator.close()
         await self.flush()
@@ -152,18 +162,6 @@ class Services:
         if seen:
             await self.store.touch_sessions(seen)
 
-    async def poll_store(self) -> None:
-        """Notice key changes made by another process (the CLI) within one poll interval."""
-        marker = await self.store.external_change_marker()
-        if marker == self._marker:
-            return
-        self._revision, changed = await self.store.changes_since(self._revision)
-        for record in changed:
-            self.key_changed(record)
-        # Only once the changes are applied: if reading them failed, the next tick tries again
-        # instead of taking the moved marker as handled (a missed disable would never be seen).
-        self._marker = marker
-
     async def _housekeeping(self) -> None:
         if self.pool is not None:
             self.pool.expire_idle()
@@ -193,20 +191,15 @@ class Services:
             if await self.store.note_expired(record.id, event):
                 self.audit.emitted(event)
 
+    async def refresh_signing_keys(self) -> None:
+        """Re-read the shared key set: publish a rotated-in key at once, sign with it once its
+        time has come (see sidecar.proxy.assertion, STORED_KEYS_PUBLISH_SECONDS)."""
+        assert self.signer is not None
+        keys = await signing_keys(self.settings.signing, self.settings.data_dir, self.store)
+        if tuple(k.kid for k in keys) != self.signer.kids:
+            self.signer.use(keys)
+            self.log.info("signing keys changed", signing_kid=keys[0].kid, published=len(keys))
+
     async def refresh_key_gauge(self) -> None:
         for status, count in (await self.store.count_by_status(self.settings.workspace)).items():
             self.metrics.keys.labels(status).set(count)
-
-    def key_changed(self, record: KeyRecord) -> None:
-        """A key changed: forget it now, and cut its open streams if it can no longer be used."""
-        self.cache.invalidate(record.id)
-        self.metrics.cache_size.set(len(self.cache))
-        if record.status == DISABLED:
-            self.streams.cut(record.id)
-        else:
-            # Enabled again: the same key works at once (SPEC 2), with no leftover refusals.
-            self.streams.uncut(record.id)
-            if self.authenticator is not None:
-                self.authenticator.forgive(record.lookup_id)
-
-

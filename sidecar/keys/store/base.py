@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from typing import Protocol
 
 from sidecar.keys.records import AuditRecord, KeyRecord
 
@@ -21,9 +22,27 @@ class DuplicateLookupId(StoreError):
     pass
 
 
+class ChangeFeed(Protocol):
+    """Pushed key changes from a shared store (see :meth:`KeyStore.listen`)."""
+
+    @property
+    def delivered_revision(self) -> int:
+        """The newest revision handed to the callback."""
+
+    def is_current(self, max_staleness_seconds: float) -> bool:
+        """Connected, and confirmed to have delivered every change within that many seconds."""
+
+    async def close(self) -> None: ...
+
+
 class KeyStore(ABC):
     """What the sidecar needs from a store; every write that changes a key carries its audit row
     and both land in one transaction (an API success means both are durable)."""
+
+    # Shared by several processes over a network (PostgreSQL), rather than one file on one pod.
+    shared = False
+    # What the store is, for logs and errors: never a password.
+    description = "store"
 
     @abstractmethod
     async def open(self) -> None: ...
@@ -34,6 +53,40 @@ class KeyStore(ABC):
     @abstractmethod
     async def ping(self) -> None:
         """Raise if the store is not usable (readiness)."""
+
+    @abstractmethod
+    async def migrate(self) -> int:
+        """Apply pending schema migrations (safe from several processes at once); returns how
+        many steps this call applied."""
+
+    async def listen(self, callback: Callable[[int], None]) -> ChangeFeed | None:
+        """Push key changes: ``callback(revision)`` after each commit and after every reconnect.
+        None where the store has no push channel (SQLite: readers poll ``external_change_marker``)."""
+        return None
+
+    @abstractmethod
+    async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str:
+        """The value stored under ``name``, or ``make()``'s value stored now; when several
+        processes race, the first commit wins and everyone gets that value."""
+
+    @abstractmethod
+    async def put_secret(self, name: str, value: str) -> None:
+        """Replace the value stored under ``name`` (a rotated signing key set)."""
+
+    # -- moving between stores (``toolio-sidecar store copy``) ------------------------------------
+
+    @abstractmethod
+    async def all_keys(self) -> list[KeyRecord]:
+        """Every key of every workspace, hashes included, oldest first."""
+
+    @abstractmethod
+    async def audit_page(self, after_id: int, limit: int) -> list[AuditRecord]:
+        """Audit events of every workspace with ``id > after_id``, oldest first."""
+
+    @abstractmethod
+    async def import_records(self, keys: Sequence[KeyRecord], audit: Sequence[AuditRecord]) -> tuple[int, int]:
+        """Insert keys and audit events keeping their ids, skipping ids already present; one
+        transaction. Returns (keys added, events added)."""
 
     @abstractmethod
     async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord: ...

@@ -243,8 +243,14 @@ class PostgresKeyStore(KeyStore):
         self._pool: asyncpg.Pool[asyncpg.Record] | None = None
         self._feeds: set[KeyChangeFeed] = set()
 
+    shared = True
+
     def __repr__(self) -> str:
         return f"PostgresKeyStore({self._redacted!r})"
+
+    @property
+    def description(self) -> str:  # type: ignore[override]  # a property over the base's plain attribute
+        return f"PostgreSQL at {self._redacted}"
 
     # -- connections and errors ------------------------------------------------------------------
 
@@ -360,6 +366,38 @@ class PostgresKeyStore(KeyStore):
             if audit:
                 await con.executemany(_INSERT_AUDIT, [_audit_params(e) for e in audit])
         return replace(record, revision=revision)
+
+    async def all_keys(self) -> list[KeyRecord]:
+        return await self._fetch_keys(f"{_SELECT_KEYS} ORDER BY created_at, id")
+
+    async def audit_page(self, after_id: int, limit: int) -> list[AuditRecord]:
+        async with self._acquire() as con:
+            rows = await con.fetch('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
+                                   "FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit)
+        return [_audit_from_row(r) for r in rows]
+
+    async def import_records(self, keys: Sequence[KeyRecord], audit: Sequence[AuditRecord]) -> tuple[int, int]:
+        added_keys = added_events = 0
+        async with self._transaction() as con:
+            for record in keys:
+                revision = int(await con.fetchval(_BUMP_REVISION))
+                status = await con.execute(
+                    _INSERT_KEY + " ON CONFLICT (id) DO NOTHING", record.id, record.lookup_id, record.name,
+                    list(record.roles), record.workspace, record.status, record.key_hash, _ts(record.created_at),
+                    record.created_by, _opt_ts(record.last_used_at), _opt_ts(record.disabled_at),
+                    _opt_ts(record.expires_at), _opt_ts(record.disable_at), revision)
+                added_keys += _row_count(status)
+            for event in audit:
+                # The source's ids are kept, so a second copy finds them and adds nothing.
+                status = await con.execute(
+                    'INSERT INTO audit_events (id, "time", action, actor, workspace, key_id, key_name, client, '
+                    "details) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) "
+                    "ON CONFLICT (id) DO NOTHING", event.id, *_audit_params(event))
+                added_events += _row_count(status)
+            # New events after the copy must get ids above the copied ones.
+            await con.execute("SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
+                              "GREATEST((SELECT COALESCE(MAX(id), 0) FROM audit_events), 1))")
+        return added_keys, added_events
 
     async def _fetch_key(self, sql: str, *args: Any) -> KeyRecord | None:
         async with self._acquire() as con:
@@ -542,6 +580,11 @@ class PostgresKeyStore(KeyStore):
 
     # -- shared settings -------------------------------------------------------------------------
 
+    async def put_secret(self, name: str, value: str) -> None:
+        async with self._acquire() as con:
+            await con.execute("INSERT INTO shared_settings (name, value) VALUES ($1, $2) "
+                              "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", name, value)
+
     async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str:
         """The value stored under ``name``; if there is none, ``make()``'s value is stored. When
         several replicas race, the first commit wins and every caller gets that value."""
@@ -592,6 +635,10 @@ class KeyChangeFeed:
     @property
     def connected(self) -> bool:
         return self._connected
+
+    @property
+    def delivered_revision(self) -> int:
+        return self._delivered
 
     @property
     def backend_pid(self) -> int | None:

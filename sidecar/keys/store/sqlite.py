@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -83,6 +83,10 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE keys ADD COLUMN expiry_noted INTEGER NOT NULL DEFAULT 0;
     CREATE INDEX keys_expires_at ON keys (expires_at) WHERE expires_at IS NOT NULL AND expiry_noted = 0;
     """,
+    """
+    -- Values every process sharing the store must agree on; first writer wins.
+    CREATE TABLE shared_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
 )
 
 _KEY_COLUMNS = ("id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by, "
@@ -101,6 +105,18 @@ def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
     )
 
 
+def _key_params(record: KeyRecord, revision: int) -> tuple[Any, ...]:
+    return (record.id, record.lookup_id, record.name, json.dumps(list(record.roles)),
+            record.workspace, record.status, record.key_hash, to_rfc3339(record.created_at),
+            record.created_by, to_rfc3339(record.last_used_at), to_rfc3339(record.disabled_at),
+            to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision)
+
+
+def _audit_from_row(r: sqlite3.Row | tuple[Any, ...]) -> AuditRecord:
+    return AuditRecord(id=r[0], time=from_rfc3339(r[1]) or utcnow(), action=r[2], actor=r[3],
+                       workspace=r[4], key_id=r[5], key_name=r[6], client=r[7], details=json.loads(r[8]))
+
+
 def _audit_params(event: AuditRecord) -> tuple[Any, ...]:
     return (to_rfc3339(event.time), event.action, event.actor, event.workspace, event.key_id,
             event.key_name, event.client, json.dumps(dict(event.details), sort_keys=True))
@@ -117,6 +133,7 @@ class SQLiteKeyStore(KeyStore):
         self._path = path
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
+        self.description = f"SQLite at {path}"
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -147,7 +164,7 @@ class SQLiteKeyStore(KeyStore):
             except OSError:  # pragma: no cover - absent yet, or a mount owned by someone else
                 pass
 
-    async def _migrate(self, db: aiosqlite.Connection) -> None:
+    async def _migrate(self, db: aiosqlite.Connection) -> int:
         await db.execute("BEGIN IMMEDIATE")
         try:
             async with db.execute("PRAGMA user_version") as cur:
@@ -164,6 +181,19 @@ class SQLiteKeyStore(KeyStore):
         except BaseException:
             await db.execute("ROLLBACK")
             raise
+        return len(MIGRATIONS) - version
+
+    async def migrate(self) -> int:
+        if self._db is not None:
+            return 0  # open() applied them
+        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        db = await aiosqlite.connect(self._path, isolation_level=None)
+        try:
+            await db.execute("PRAGMA busy_timeout = 5000")
+            await db.execute("PRAGMA journal_mode = WAL")
+            return await self._migrate(db)
+        finally:
+            await db.close()
 
     async def close(self) -> None:
         if self._db is not None:
@@ -188,11 +218,7 @@ class SQLiteKeyStore(KeyStore):
                 revision = await self._next_revision()
                 await self.db.execute(
                     f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (record.id, record.lookup_id, record.name, json.dumps(list(record.roles)),
-                     record.workspace, record.status, record.key_hash, to_rfc3339(record.created_at),
-                     record.created_by, to_rfc3339(record.last_used_at), to_rfc3339(record.disabled_at),
-                     to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision),
-                )
+                    _key_params(record, revision))
                 await self.db.executemany(_AUDIT_INSERT, [_audit_params(e) for e in audit])
                 await self.db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
@@ -334,11 +360,7 @@ class SQLiteKeyStore(KeyStore):
         params.append(limit)
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
-        return [
-            AuditRecord(id=r[0], time=from_rfc3339(r[1]) or utcnow(), action=r[2], actor=r[3],
-                        workspace=r[4], key_id=r[5], key_name=r[6], client=r[7], details=json.loads(r[8]))
-            for r in rows
-        ]
+        return [_audit_from_row(r) for r in rows]
 
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
         async with self.db.execute("SELECT value FROM counters WHERE name = 'revision'") as cur:
@@ -413,6 +435,61 @@ class SQLiteKeyStore(KeyStore):
                                         (to_rfc3339(older_than),))
             return int(cur.rowcount)
 
+
+    async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str:
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                await self.db.execute("INSERT OR IGNORE INTO shared_settings (name, value) VALUES (?, ?)",
+                                      (name, make()))
+                async with self.db.execute("SELECT value FROM shared_settings WHERE name = ?", (name,)) as cur:
+                    row = await cur.fetchone()
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        assert row is not None
+        return str(row[0])
+
+    async def put_secret(self, name: str, value: str) -> None:
+        async with self._lock:
+            await self.db.execute("INSERT INTO shared_settings (name, value) VALUES (?, ?) "
+                                  "ON CONFLICT (name) DO UPDATE SET value = excluded.value", (name, value))
+
+    async def all_keys(self) -> list[KeyRecord]:
+        async with self.db.execute(f"SELECT {_KEY_COLUMNS} FROM keys ORDER BY created_at, id") as cur:
+            return [_key_from_row(row) for row in await cur.fetchall()]
+
+    async def audit_page(self, after_id: int, limit: int) -> list[AuditRecord]:
+        async with self.db.execute(
+            "SELECT id, time, action, actor, workspace, key_id, key_name, client, details "
+            "FROM audit_events WHERE id > ? ORDER BY id LIMIT ?", (after_id, limit)
+        ) as cur:
+            rows = await cur.fetchall()
+        return [_audit_from_row(r) for r in rows]
+
+    async def import_records(self, keys: Sequence[KeyRecord], audit: Sequence[AuditRecord]) -> tuple[int, int]:
+        added_keys = added_events = 0
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                for record in keys:
+                    revision = await self._next_revision()
+                    cur = await self.db.execute(
+                        f"INSERT OR IGNORE INTO keys ({_KEY_COLUMNS}) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                        _key_params(record, revision))
+                    added_keys += cur.rowcount
+                for event in audit:
+                    cur = await self.db.execute(
+                        "INSERT OR IGNORE INTO audit_events (id, time, action, actor, workspace, key_id, key_name, "
+                        "client, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (event.id, *_audit_params(event)))
+                    added_events += cur.rowcount
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
+        return added_keys, added_events
 
 def _split_sql(script: str) -> list[str]:
     """Split a migration into statements, keeping trigger bodies (``BEGIN ... END;``) whole."""
