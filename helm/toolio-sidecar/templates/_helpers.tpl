@@ -237,23 +237,175 @@ default applies). Keys that are not bare TOML keys are quoted.
 The effective config: the `config` values plus the keys the chart owns.
 */}}
 {{- define "toolio-sidecar.config" -}}
-{{- $cfg := deepCopy (.Values.config | default dict) }}
-{{- $_ := set $cfg "data_dir" (include "toolio-sidecar.dataDir" .) }}
+{{- include "toolio-sidecar.configFor" (dict "root" . "signingFiles" true) }}
+{{- end }}
+
+{{/*
+The migration hook Job's config: the same, minus signing.private_key_files. `migrate` never
+signs, and on a first install the chart's generated signing Secret does not exist yet when
+pre-install hooks run (the settings loader checks that every listed key file exists).
+*/}}
+{{- define "toolio-sidecar.migrationConfig" -}}
+{{- include "toolio-sidecar.configFor" (dict "root" . "signingFiles" false) }}
+{{- end }}
+
+{{- define "toolio-sidecar.configFor" -}}
+{{- $root := .root }}
+{{- $cfg := deepCopy ($root.Values.config | default dict) }}
+{{- $_ := set $cfg "data_dir" (include "toolio-sidecar.dataDir" $root) }}
 {{- $proxy := get $cfg "proxy" | default dict }}
-{{- $_ = set $proxy "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.proxy)) }}
-{{- $_ = set $proxy "upstream" (include "toolio-sidecar.upstreamURL" .) }}
+{{- $_ = set $proxy "listen" (printf "0.0.0.0:%d" (int $root.Values.containerPorts.proxy)) }}
+{{- $_ = set $proxy "upstream" (include "toolio-sidecar.upstreamURL" $root) }}
 {{- $_ = set $cfg "proxy" $proxy }}
 {{- $admin := get $cfg "admin" | default dict }}
-{{- $_ = set $admin "listen" (printf "0.0.0.0:%d" (int .Values.containerPorts.admin)) }}
+{{- $_ = set $admin "listen" (printf "0.0.0.0:%d" (int $root.Values.containerPorts.admin)) }}
 {{- $_ = set $cfg "admin" $admin }}
+{{- /* An empty store.url is left out: it is the default (SQLite), and with postgres the URL
+comes from TOOLIO_SIDECAR_STORE_URL only (validate refuses a non-empty one). */}}
+{{- $store := get $cfg "store" }}
+{{- if and (kindIs "map" $store) (not (get $store "url")) }}
+{{- $_ = unset $store "url" }}
+{{- end }}
+{{- if .signingFiles }}
 {{- $signing := get $cfg "signing" | default dict }}
 {{- $files := list }}
-{{- range $key := include "toolio-sidecar.signingKeyNames" . | fromJsonArray }}
-{{- $files = append $files (printf "%s/%s" (include "toolio-sidecar.signingDir" $) $key) }}
+{{- range $key := include "toolio-sidecar.signingKeyNames" $root | fromJsonArray }}
+{{- $files = append $files (printf "%s/%s" (include "toolio-sidecar.signingDir" $root) $key) }}
 {{- end }}
 {{- $_ = set $signing "private_key_files" $files }}
 {{- $_ = set $cfg "signing" $signing }}
+{{- end }}
 {{- include "toolio-sidecar.tomlTable" (dict "table" $cfg "prefix" "") }}
+{{- end }}
+
+{{/*
+The store. "postgres": the URL reaches the pod only as TOOLIO_SIDECAR_STORE_URL from a Secret
+(it carries a password), never through values or the ConfigMap.
+*/}}
+{{- define "toolio-sidecar.postgres" -}}
+{{- if eq .Values.store.type "postgres" }}true{{ end }}
+{{- end }}
+
+{{- define "toolio-sidecar.storeEnv" -}}
+{{- if include "toolio-sidecar.postgres" . }}
+- name: TOOLIO_SIDECAR_STORE_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.store.postgres.existingSecret | quote }}
+      key: {{ .Values.store.postgres.secretKey | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+"true" when more than one pod can run: replicaCount > 1, or an autoscaler that may go above 1.
+*/}}
+{{- define "toolio-sidecar.multiReplica" -}}
+{{- if .Values.autoscaling.enabled }}
+{{- if gt (int .Values.autoscaling.maxReplicas) 1 }}true{{ end }}
+{{- else if gt (int .Values.replicaCount) 1 }}true{{ end }}
+{{- end }}
+
+{{/*
+podDisruptionBudget.enabled: true / false, or null for "when more than one pod can run".
+*/}}
+{{- define "toolio-sidecar.pdbEnabled" -}}
+{{- $enabled := .Values.podDisruptionBudget.enabled }}
+{{- if kindIs "invalid" $enabled }}{{ include "toolio-sidecar.multiReplica" . }}
+{{- else if $enabled }}true
+{{- end }}
+{{- end }}
+
+{{/*
+The migration hook Job runs with the postgres store only (SQLite migrates in the pod that
+owns the volume).
+*/}}
+{{- define "toolio-sidecar.migrationsEnabled" -}}
+{{- if and (include "toolio-sidecar.postgres" .) .Values.migrations.enabled }}true{{ end }}
+{{- end }}
+
+{{- define "toolio-sidecar.migrationName" -}}
+{{- printf "%s-migrate" (include "toolio-sidecar.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+The hook Job's ServiceAccount. The chart's own ServiceAccount is an ordinary release resource,
+so it does not exist yet when a pre-install hook runs; only a ServiceAccount made outside the
+chart (serviceAccount.create: false) can be used. The Job calls no Kubernetes API.
+*/}}
+{{- define "toolio-sidecar.migrationServiceAccountName" -}}
+{{- if .Values.migrations.serviceAccountName }}
+{{- .Values.migrations.serviceAccountName }}
+{{- else if .Values.serviceAccount.create }}default
+{{- else }}
+{{- include "toolio-sidecar.serviceAccountName" . }}
+{{- end }}
+{{- end }}
+
+{{/*
+Labels of the migration Job's pod. No app.kubernetes.io/name: the pod must not match the
+selector of the Services, the PodDisruptionBudget or the NetworkPolicy of the sidecar's pods.
+*/}}
+{{- define "toolio-sidecar.migrationPodLabels" -}}
+helm.sh/chart: {{ include "toolio-sidecar.chart" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: migrations
+app.kubernetes.io/version: {{ .Values.image.tag | default .Chart.AppVersion | trunc 63 | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: toolio
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/*
+The pod's affinity: `affinity` when set; otherwise, when more than one pod can run, an
+anti-affinity on the node (kubernetes.io/hostname) from `podAntiAffinity` (soft: preferred,
+hard: required, none: nothing).
+*/}}
+{{- define "toolio-sidecar.affinity" -}}
+{{- if .Values.affinity }}
+{{- toYaml .Values.affinity }}
+{{- else if and (include "toolio-sidecar.multiReplica" .) (ne .Values.podAntiAffinity "none") }}
+podAntiAffinity:
+  {{- if eq .Values.podAntiAffinity "hard" }}
+  requiredDuringSchedulingIgnoredDuringExecution:
+    - topologyKey: kubernetes.io/hostname
+      labelSelector:
+        matchLabels:
+          {{- include "toolio-sidecar.selectorLabels" . | nindent 10 }}
+  {{- else }}
+  preferredDuringSchedulingIgnoredDuringExecution:
+    - weight: 100
+      podAffinityTerm:
+        topologyKey: kubernetes.io/hostname
+        labelSelector:
+          matchLabels:
+            {{- include "toolio-sidecar.selectorLabels" . | nindent 12 }}
+  {{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+topologySpreadConstraints; a constraint without a labelSelector selects this release's pods.
+*/}}
+{{- define "toolio-sidecar.topologySpreadConstraints" -}}
+{{- $selector := include "toolio-sidecar.selectorLabels" . | fromYaml }}
+{{- $constraints := list }}
+{{- range .Values.topologySpreadConstraints }}
+{{- $constraint := deepCopy . }}
+{{- if not (hasKey $constraint "labelSelector") }}
+{{- $_ := set $constraint "labelSelector" (dict "matchLabels" $selector) }}
+{{- end }}
+{{- $constraints = append $constraints $constraint }}
+{{- end }}
+{{- if $constraints }}{{ toYaml $constraints }}{{ end }}
+{{- end }}
+
+{{/*
+A rollingUpdate value is zero (0 or "0%").
+*/}}
+{{- define "toolio-sidecar.isZero" -}}
+{{- if or (eq (toString .) "0") (eq (toString .) "0%") }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -266,6 +418,47 @@ Checks that stop a render with a message saying what to change.
 {{- end }}
 {{- if and (eq $v.store.type "sqlite") (gt (int $v.replicaCount) 1) }}
 {{- fail (printf "toolio-sidecar: replicaCount is %d, but the sqlite store keeps every key in one SQLite file on one volume with a single writer, so it supports exactly 1 replica. Set replicaCount to 1." (int $v.replicaCount)) }}
+{{- end }}
+{{- if not (has $v.store.type (list "sqlite" "postgres")) }}
+{{- fail (printf "toolio-sidecar: store.type must be \"sqlite\" or \"postgres\", got %q." (toString $v.store.type)) }}
+{{- end }}
+{{- if and (eq $v.store.type "sqlite") $v.autoscaling.enabled }}
+{{- fail "toolio-sidecar: autoscaling.enabled is true, but the sqlite store keeps every key in one SQLite file on one volume with a single writer, so it supports exactly 1 replica and cannot be autoscaled. Use store.type: postgres (with store.postgres.existingSecret) to run several replicas." }}
+{{- end }}
+{{- $postgres := $v.store.postgres | default dict }}
+{{- if and (eq $v.store.type "postgres") (not $postgres.existingSecret) }}
+{{- fail "toolio-sidecar: store.type is \"postgres\" but store.postgres.existingSecret is empty; create a Secret holding the full postgresql:// URL (e.g. CloudNativePG's <cluster>-app Secret, key uri) and set store.postgres.existingSecret (and store.postgres.secretKey) to it. The chart never takes the URL itself, so that the password stays out of values and manifests." }}
+{{- end }}
+{{- if and (eq $v.store.type "postgres") (not $postgres.secretKey) }}
+{{- fail "toolio-sidecar: store.postgres.secretKey is empty; set it to the key of store.postgres.existingSecret that holds the postgresql:// URL (e.g. url, or uri for CloudNativePG)." }}
+{{- end }}
+{{- if dig "store" "url" "" ($v.config | default dict) }}
+{{- fail "toolio-sidecar: config.store.url must stay empty: a URL there would put the database password in the ConfigMap. Use store.type: postgres with store.postgres.existingSecret, which gives the pod TOOLIO_SIDECAR_STORE_URL from a Secret." }}
+{{- end }}
+{{- if $v.autoscaling.enabled }}
+{{- $as := $v.autoscaling }}
+{{- if gt (int $as.minReplicas) (int $as.maxReplicas) }}
+{{- fail (printf "toolio-sidecar: autoscaling.minReplicas (%d) is greater than autoscaling.maxReplicas (%d)." (int $as.minReplicas) (int $as.maxReplicas)) }}
+{{- end }}
+{{- if not (or $as.targetCPUUtilizationPercentage $as.targetMemoryUtilizationPercentage $as.metrics) }}
+{{- fail "toolio-sidecar: autoscaling.enabled needs a metric: set autoscaling.targetCPUUtilizationPercentage, autoscaling.targetMemoryUtilizationPercentage or autoscaling.metrics." }}
+{{- end }}
+{{- range $resource, $target := dict "cpu" $as.targetCPUUtilizationPercentage "memory" $as.targetMemoryUtilizationPercentage }}
+{{- if $target }}
+{{- if not (dig "requests" $resource "" ($v.resources | default dict)) }}
+{{- fail (printf "toolio-sidecar: autoscaling on %s utilisation needs resources.requests.%s (utilisation is usage / request)." $resource $resource) }}
+{{- end }}
+{{- if and (eq $v.mode "sidecar") (not (dig "requests" $resource "" ($v.mcpServer.resources | default dict))) }}
+{{- fail (printf "toolio-sidecar: autoscaling on %s utilisation in sidecar mode needs mcpServer.resources.requests.%s too: the autoscaler sums usage and requests over every container of the pod, and gives up if one has no request." $resource $resource) }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if and (include "toolio-sidecar.isZero" $v.rollingUpdate.maxSurge) (include "toolio-sidecar.isZero" $v.rollingUpdate.maxUnavailable) }}
+{{- fail "toolio-sidecar: rollingUpdate.maxSurge and rollingUpdate.maxUnavailable cannot both be 0; a rolling update could never make progress." }}
+{{- end }}
+{{- if not (has $v.podAntiAffinity (list "soft" "hard" "none")) }}
+{{- fail (printf "toolio-sidecar: podAntiAffinity must be \"soft\", \"hard\" or \"none\", got %q." (toString $v.podAntiAffinity)) }}
 {{- end }}
 {{- if and (eq $v.mode "sidecar") (not $v.mcpServer.image.repository) }}
 {{- fail "toolio-sidecar: mode is \"sidecar\" but mcpServer.image.repository is empty; set it to your MCP server's image (or use mode: standalone with upstream.url)." }}
@@ -301,7 +494,7 @@ Checks that stop a render with a message saying what to change.
 {{- if le (int (include "toolio-sidecar.terminationGracePeriodSeconds" .)) $budget }}
 {{- fail (printf "toolio-sidecar: terminationGracePeriodSeconds (%s) must be greater than preStopSleepSeconds + config.shutdown_grace_seconds (%d), or Kubernetes kills the sidecar before in-flight requests finish." (include "toolio-sidecar.terminationGracePeriodSeconds" .) $budget) }}
 {{- end }}
-{{- if and $v.podDisruptionBudget.enabled (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
-{{- fail "toolio-sidecar: podDisruptionBudget.enabled needs minAvailable or maxUnavailable." }}
+{{- if and (include "toolio-sidecar.pdbEnabled" .) (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
+{{- fail "toolio-sidecar: the PodDisruptionBudget needs podDisruptionBudget.minAvailable or podDisruptionBudget.maxUnavailable." }}
 {{- end }}
 {{- end }}
