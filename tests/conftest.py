@@ -1,10 +1,10 @@
-"""Shared fixtures: config and settings for a test, running sidecars, the upstreams they front.
+"""Shared fixtures for every test folder (the parts themselves live in ``tests/support``):
 
 * ``config``: :class:`ConfigFactory` (data dir under ``tmp_path``; argon2 at 1 MiB / t=1 so
   tests stay fast; roles ``viewer``, ``org-admin``, ``writer``);
-* ``start_sidecar``: ``await start_sidecar(settings)`` runs ``create_app(settings)`` on free
-  ports through ``sidecar.runtime.server.PublicServer`` / ``runner_for`` and returns a :class:`RunningSidecar`;
-* ``echo``: a recording aiohttp upstream (:class:`EchoUpstream`);
+* ``start_sidecar``: ``await start_sidecar(settings)`` is :func:`running_sidecar` (the one
+  harness), stopped at teardown; returns a :class:`RunningSidecar`;
+* ``echo``: the recording upstream answering with its ``echo`` behaviour;
 * ``mcp_upstream``: the bundled example MCP server (official SDK) base URL;
 * ``sidecar``: a sidecar in front of ``echo`` with the default test settings.
 """
@@ -15,8 +15,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from mcp_support import example_upstream
-from sidecar_support import ConfigFactory, EchoUpstream, RunningSidecar, SidecarStarter, run_echo_upstream
+
+from tests.support.config import ConfigFactory
+from tests.support.harness import RunningSidecar, SidecarStarter
+from tests.support.upstreams import RecordingUpstream, example_upstream, run_echo_upstream
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ async def start_sidecar() -> AsyncIterator[SidecarStarter]:
 
 
 @pytest.fixture
-async def echo() -> AsyncIterator[EchoUpstream]:
+async def echo() -> AsyncIterator[RecordingUpstream]:
     async with run_echo_upstream() as upstream:
         yield upstream
 
@@ -46,5 +48,5 @@ async def mcp_upstream() -> AsyncIterator[str]:
 
 
 @pytest.fixture
-async def sidecar(config: ConfigFactory, start_sidecar: SidecarStarter, echo: EchoUpstream) -> RunningSidecar:
+async def sidecar(config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream) -> RunningSidecar:
     return await start_sidecar(config.settings({"proxy": {"upstream": echo.url}}))

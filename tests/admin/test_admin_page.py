@@ -1,0 +1,365 @@
+"""The admin page in real Chromium (Playwright), against a real sidecar, SQLite file and MCP
+upstream: sign in, add a key and copy it once, disable / enable from the context menu by mouse
+and by keyboard, the audit view, logout, and a cross-site page that tries to use the session.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from playwright.async_api import (
+    Browser,
+    BrowserContext,
+    ConsoleMessage,
+    Dialog,
+    Locator,
+    Page,
+    Request,
+    async_playwright,
+    expect,
+)
+from playwright.async_api import Error as PlaywrightError
+
+from tests.support.admin import AdminSidecar, admin_sidecar
+from tests.support.mcp import mcp_client, mcp_url
+
+# One event loop for the module, so the shared browser fixture can serve every test.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+CHROMIUM = "/usr/bin/chromium"
+KEY_SHAPE = re.compile(r"tak_[0-9A-Za-z]{46}")
+
+if not Path(CHROMIUM).exists():  # pragma: no cover - depends on the machine
+    pytest.skip("Chromium is not installed at /usr/bin/chromium", allow_module_level=True)
+
+
+@dataclass
+class Watch:
+    """What a page did that it should not: console errors, uncaught exceptions, native dialogs
+    (window.alert), and requests to anywhere but the admin origin."""
+
+    origin: str
+    console_errors: list[str] = field(default_factory=list)
+    page_errors: list[str] = field(default_factory=list)
+    dialogs: list[str] = field(default_factory=list)
+    foreign_requests: list[str] = field(default_factory=list)
+    requests: list[str] = field(default_factory=list)
+
+    def attach(self, page: Page) -> None:
+        page.on("console", self._console)
+        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
+        page.on("dialog", self._dialog)
+        page.on("request", self._request)
+
+    def _console(self, message: ConsoleMessage) -> None:
+        if message.type == "error":
+            self.console_errors.append(message.text)
+
+    async def _dialog(self, dialog: Dialog) -> None:
+        self.dialogs.append(dialog.message)
+        await dialog.dismiss()
+
+    def _request(self, request: Request) -> None:
+        self.requests.append(request.url)
+        if not request.url.startswith(self.origin + "/"):
+            self.foreign_requests.append(request.url)
+
+    def assert_clean(self) -> None:
+        assert self.console_errors == []
+        assert self.page_errors == []
+        assert self.dialogs == []
+        assert self.foreign_requests == []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def browser() -> AsyncIterator[Browser]:
+    """One Chromium for the module (launching costs seconds); each test gets its own context."""
+    async with async_playwright() as playwright:
+        launched = await playwright.chromium.launch(
+            executable_path=CHROMIUM, headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
+        try:
+            yield launched
+        finally:
+            await launched.close()
+
+
+@asynccontextmanager
+async def admin_page(browser: Browser, sc: AdminSidecar) -> AsyncIterator[tuple[BrowserContext, Page, Watch]]:
+    context = await browser.new_context(viewport={"width": 1280, "height": 860})
+    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=sc.admin_origin)
+    page = await context.new_page()
+    watch = Watch(sc.admin_origin)
+    watch.attach(page)
+    try:
+        yield context, page, watch
+    finally:
+        await context.close()
+
+
+async def sign_in(page: Page, sc: AdminSidecar) -> None:
+    await page.goto(sc.admin_origin + "/admin")
+    assert page.url == sc.admin_origin + "/admin/"
+    key_input = page.get_by_label("Admin API key")
+    await expect(key_input).to_be_visible()
+    assert await key_input.get_attribute("type") == "password"
+    await key_input.fill(sc.admin_key)
+    await page.get_by_role("button", name="Sign in").click()
+    await expect(page.get_by_role("heading", name="API Keys")).to_be_visible()
+    await expect(page.locator("#actor")).to_have_text("ops")
+
+
+def key_row(page: Page, name: str) -> Locator:
+    name_cell = page.locator(".key-name", has_text=re.compile(f"^{re.escape(name)}$"))
+    return page.locator("#keys-body tr", has=name_cell)
+
+
+async def add_key(page: Page, name: str, roles: list[str]) -> str:
+    await page.get_by_role("button", name="Add API Key").click()
+    dialog = page.locator("#add-dialog")
+    await expect(dialog).to_be_visible()
+    await dialog.get_by_label("Name").fill(name)
+    await dialog.get_by_label("Roles").select_option(roles)
+    await dialog.get_by_role("button", name="Save").click()
+    shown = page.locator("#key-dialog")
+    await expect(shown).to_be_visible()
+    value = await shown.locator("input").input_value()
+    assert KEY_SHAPE.fullmatch(value)
+    return value
+
+
+async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path, upstream=True) as sc, admin_page(browser, sc) as (_, page, watch):
+        await sign_in(page, sc)
+        # The admin key went to the server once and is nowhere in the page or web storage.
+        storage = await page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
+        assert storage == [0, 0, ""]  # the session cookie is HttpOnly
+        assert await page.get_by_label("Admin API key").input_value() == ""
+        assert sc.admin_key not in await page.content()
+
+        # -- Add API Key with two roles; the key is shown once, with Copy and a warning.
+        key = await add_key(page, "ci-agent", ["viewer", "writer"])
+        shown = page.locator("#key-dialog")
+        await expect(shown).to_contain_text("This key will not be shown again")
+        await shown.get_by_role("button", name="Copy").click()
+        await expect(shown.locator("#copy-status")).to_have_text("Copied to the clipboard.")
+        assert await page.evaluate("() => navigator.clipboard.readText()") == key
+        await shown.get_by_role("button", name="Done").click()
+        await expect(shown).to_be_hidden()
+        assert key not in await page.content()
+        values = await page.evaluate("() => Array.from(document.querySelectorAll('input'), i => i.value)")
+        assert key not in values
+
+        row = key_row(page, "ci-agent")
+        cells = row.locator("td")
+        await expect(cells.nth(1)).to_have_text(key[:8] + "...")
+        await expect(cells.nth(2)).to_contain_text("viewer")
+        await expect(cells.nth(2)).to_contain_text("writer")
+        await expect(cells.nth(3)).to_have_text("Enabled")
+        await expect(cells.nth(4)).to_have_text("Never")
+
+        # -- The copied key works through the proxy with the real MCP client.
+        async with mcp_client(mcp_url(sc.proxy_url), token=key) as client:
+            who = await client.call_tool("whoami", {})
+        assert who.structured_content is not None
+        assert who.structured_content["key_name"] == "ci-agent"
+        assert who.structured_content["roles"] == "viewer,writer"
+
+        # -- Right-click -> Disable: the Status cell flips at once and the proxy refuses the key.
+        await row.click(button="right")
+        menu = page.get_by_role("menu")
+        await expect(menu).to_be_visible()
+        await expect(menu.get_by_role("menuitem")).to_have_count(1)
+        await expect(menu.get_by_role("menuitem", name="Enable")).to_have_count(0)
+        await menu.get_by_role("menuitem", name="Disable").click()
+        await expect(menu).to_be_hidden()
+        await expect(cells.nth(3)).to_have_text("Disabled", timeout=2000)
+        assert await sc.proxy_status(key) == 401
+
+        # The change survives a reload (it is in the store, not just the DOM).
+        await page.reload()
+        await expect(key_row(page, "ci-agent").locator("td").nth(3)).to_have_text("Disabled")
+
+        # -- Right-click -> Enable restores the same key.
+        row = key_row(page, "ci-agent")
+        await row.click(button="right")
+        await expect(page.get_by_role("menuitem", name="Disable")).to_have_count(0)
+        await page.get_by_role("menuitem", name="Enable").click()
+        await expect(row.locator("td").nth(3)).to_have_text("Enabled", timeout=2000)
+        assert await sc.proxy_status(key) == 200
+
+        # -- Escape closes the menu without doing anything.
+        await row.click(button="right")
+        await expect(page.get_by_role("menu")).to_be_visible()
+        await page.keyboard.press("Escape")
+        await expect(page.get_by_role("menu")).to_be_hidden()
+        await expect(row.locator("td").nth(3)).to_have_text("Enabled")
+
+        # -- The audit view lists what happened, newest first.
+        await page.get_by_role("tab", name="Audit").click()
+        audit = page.locator("#audit-body tr")
+        await expect(audit.first).to_be_visible()
+        texts = await audit.all_inner_texts()
+        assert "Key enabled" in texts[0]
+        assert "ci-agent" in texts[0]
+        assert "ops" in texts[0]
+        assert "127.0.0.1" in texts[0]
+        assert any("Key created" in t and "ci-agent" in t for t in texts)
+        assert any("Signed in" in t and "ops" in t for t in texts)
+
+        # -- Logout ends the session: the login form is back, also after a reload.
+        await page.get_by_role("button", name="Log out").click()
+        await expect(page.get_by_label("Admin API key")).to_be_visible()
+        await page.reload()
+        await expect(page.get_by_label("Admin API key")).to_be_visible()
+        await expect(page.get_by_role("heading", name="API Keys")).to_be_hidden()
+        watch.assert_clean()
+        assert key not in await page.content()
+
+
+async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (_, page, watch):
+        agent = await sc.create_key("kbd-agent", ["viewer"])
+        await sign_in(page, sc)
+        row = key_row(page, "kbd-agent")
+        status = row.locator("td").nth(3)
+        await expect(status).to_have_text("Enabled")
+
+        # Row focused, Shift+F10: the menu opens and focus moves into it.
+        await row.focus()
+        await page.keyboard.press("Shift+F10")
+        menu = page.get_by_role("menu")
+        await expect(menu).to_be_visible()
+        item = menu.get_by_role("menuitem", name="Disable")
+        await expect(item).to_be_focused()
+        # Escape closes it and returns focus to the row.
+        await page.keyboard.press("Escape")
+        await expect(menu).to_be_hidden()
+        await expect(row).to_be_focused()
+
+        # Shift+F10, arrow to the item, Enter.
+        await page.keyboard.press("Shift+F10")
+        await expect(menu).to_be_visible()
+        await page.keyboard.press("ArrowDown")
+        await expect(menu.get_by_role("menuitem", name="Disable")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(status).to_have_text("Disabled", timeout=2000)
+        await expect(menu).to_be_hidden()
+        _, record, _ = await sc.call("GET", f"/keys/{agent['id']}")
+        assert record["status"] == "disabled"
+
+        # The ContextMenu key works too.
+        await key_row(page, "kbd-agent").focus()
+        await page.keyboard.press("ContextMenu")
+        await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
+        await page.keyboard.press("Escape")
+
+        # The row's "Actions" button: Tab to it from the row, Enter, arrow, Enter.
+        row = key_row(page, "kbd-agent")
+        await row.focus()
+        await page.keyboard.press("Tab")
+        actions = row.get_by_role("button", name="Actions for kbd-agent")
+        await expect(actions).to_be_focused()
+        await expect(actions).to_have_attribute("aria-haspopup", "menu")
+        await page.keyboard.press("Enter")
+        await expect(actions).to_have_attribute("aria-expanded", "true")
+        await page.keyboard.press("End")
+        await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(key_row(page, "kbd-agent").locator("td").nth(3)).to_have_text("Enabled", timeout=2000)
+        _, record, _ = await sc.call("GET", f"/keys/{agent['id']}")
+        assert record["status"] == "enabled"
+        watch.assert_clean()
+
+
+async def test_api_errors_show_inline_never_as_alerts(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (_, page, watch):
+        await page.goto(sc.admin_origin + "/admin/")
+        await page.get_by_label("Admin API key").fill("tak_" + "A" * 46)
+        await page.get_by_role("button", name="Sign in").click()
+        alert = page.locator("#login-error")
+        await expect(alert).to_have_attribute("role", "alert")
+        await expect(alert).to_contain_text("unknown, wrong, disabled or expired")
+
+        await sign_in(page, sc)
+        await page.get_by_role("button", name="Add API Key").click()
+        dialog = page.locator("#add-dialog")
+        await dialog.get_by_label("Name").fill("ops")  # taken
+        await dialog.get_by_label("Roles").select_option(["viewer"])
+        await dialog.get_by_role("button", name="Save").click()
+        error = dialog.get_by_role("alert")
+        await expect(error).to_contain_text("already exists")
+        await expect(dialog.get_by_label("Name")).to_have_attribute("aria-invalid", "true")
+        await dialog.get_by_label("Name").fill("bad name")
+        await dialog.get_by_role("button", name="Save").click()
+        await expect(error).to_contain_text("1-64 characters")
+        await dialog.get_by_role("button", name="Cancel").click()
+        await expect(dialog).to_be_hidden()
+        assert watch.dialogs == []
+        assert watch.page_errors == []
+        assert watch.foreign_requests == []
+        # The only console errors are the browser's notes about the refused requests.
+        assert all(re.search(r"status of 4\d\d", message) for message in watch.console_errors), watch.console_errors
+
+
+EVIL_PAGE = """<!doctype html>
+<title>waiting</title>
+<form id="f" method="post" action="{admin}/admin/api/keys/{key_id}/disable"><button>go</button></form>
+<script>
+fetch("{admin}/admin/api/keys/{key_id}/disable", {{method: "POST", credentials: "include"}})
+  .then((r) => {{ document.title = "answered " + r.status; }})
+  .catch(() => {{ document.title = "blocked"; }});
+</script>
+"""
+
+
+@asynccontextmanager
+async def evil_site(html: str) -> AsyncIterator[int]:
+    async def page(_: web.Request) -> web.Response:
+        return web.Response(text=html, content_type="text/html")
+
+    app = web.Application()
+    app.router.add_get("/", page)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        yield int(runner.addresses[0][1])
+    finally:
+        await runner.cleanup()
+
+
+async def test_cross_site_page_cannot_use_the_admin_session(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (context, page, watch):
+        victim = await sc.create_key("victim", ["viewer"])
+        await sign_in(page, sc)
+        await expect(key_row(page, "victim").locator("td").nth(3)).to_have_text("Enabled")
+        html = EVIL_PAGE.format(admin=sc.admin_origin, key_id=victim["id"])
+        # "localhost" and "127.0.0.1" are different sites: the attacker page is cross-site.
+        async with evil_site(html) as port:
+            evil = await context.new_page()
+            await evil.goto(f"http://localhost:{port}/")
+            await expect(evil).to_have_title(re.compile("answered|blocked"))
+            # A classic form POST (top-level navigation) from the same site.
+            try:
+                await evil.locator("#f button").click()
+                await evil.wait_for_load_state()
+            except PlaywrightError:  # the JSON error page may abort the navigation; either is fine
+                pass
+            await evil.close()
+        _, record, _ = await sc.call("GET", f"/keys/{victim['id']}")
+        assert record["status"] == "enabled"
+        _, audit, _ = await sc.call("GET", "/audit")
+        assert not [e for e in audit["events"] if e["action"] == "key.disabled"]
+        # The real page still works with its session afterwards.
+        await page.reload()
+        await expect(key_row(page, "victim").locator("td").nth(3)).to_have_text("Enabled")
+        watch.assert_clean()

@@ -1,0 +1,1 @@
+"""Tests of sidecar/gate: who may pass (authentication, cache, limits) and how often."""

@@ -1,0 +1,1 @@
+"""Tests of sidecar/proxy: forwarding, headers, identity assertions, MCP end to end."""
