@@ -412,6 +412,7 @@ class Env:
     token: str = ""  # the key nginx allows (the sidecar's own key when there is a sidecar)
     targets: dict[str, Target] = field(default_factory=dict)
     tokens: dict[str, str] = field(default_factory=dict)  # each sidecar instance issues its own key
+    cleanups: list[Callable[[], object]] = field(default_factory=list)
 
 
 def sidecar_cli() -> list[str] | None:
@@ -523,6 +524,30 @@ def start_sidecar(env: Env, cli: list[str], name: str, upstream: Target, label: 
     wait_ready(env.procs, name, proc, lambda: http_status(admin_port, "GET", "/readyz") == 200)
     env.tokens[name] = key
     return Target(name, label, port, proc.pid, upstream.port, PROXY_CPU)
+
+
+def postgres_database(env: Env) -> str | None:
+    """A fresh database on ``--postgres-url``'s server for the sidecar-pg target (dropped by
+    the caller's cleanup), or None when no server answers there."""
+    base: str = env.args.postgres_url
+    if not base:
+        return None
+    name = f"toolio_bench_{os.getpid()}"
+    script = ("import asyncio, asyncpg, sys\n"
+              "async def main():\n"
+              "    con = await asyncpg.connect(sys.argv[1], timeout=3)\n"
+              "    await con.execute(f'DROP DATABASE IF EXISTS {sys.argv[2]}')\n"
+              "    await con.execute(f'CREATE DATABASE {sys.argv[2]}')\n"
+              "    await con.close()\n"
+              "asyncio.run(main())\n")
+    done = subprocess.run([sys.executable, "-c", script, base, name], capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        log(f"no PostgreSQL at --postgres-url ({done.stderr.strip().splitlines()[-1:]}): sidecar-pg skipped")
+        return None
+    env.cleanups.append(lambda: subprocess.run([sys.executable, "-c", script.replace(
+        "    await con.execute(f'CREATE DATABASE {sys.argv[2]}')\n", ""), base, name],
+        capture_output=True, timeout=30, check=False))
+    return base.rsplit("/", 1)[0] + "/" + name
 
 
 def ensure_alive(env: Env, t: Target) -> None:
@@ -917,6 +942,8 @@ def profile(env: Env, name: str, body: bytes, headers: dict[str, str], out: Path
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
+    p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
+                   help="a PostgreSQL server for the sidecar-pg target ('' to skip)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each run (default 2)")
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds, target order rotated each round (default 3; 0: SSE only)"
@@ -1031,6 +1058,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "toolio-sidecar (valid key, cache hit, signing, metrics, access log)",
                 )
                 env.token = token_for(env, "sidecar")  # nginx allows the same key
+                pg_url = postgres_database(env)
+                if pg_url:
+                    # The same sidecar on the shared PostgreSQL store: a cache hit must cost the same.
+                    env.targets["sidecar-pg"] = start_sidecar(
+                        env, cli, "sidecar-pg", up, "toolio-sidecar on the PostgreSQL store (cache hit)",
+                        extra=f'\n[store]\nurl = "{pg_url}"\n',
+                    )
                 # The same sidecar signing with HS256: what ES256 (the default) costs per request.
                 env.targets["sidecar-hs256"] = start_sidecar(
                     env, cli, "sidecar-hs256", up, "toolio-sidecar, HS256 assertion instead of ES256",
@@ -1038,7 +1072,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             env.targets["nginx"] = start_nginx(env, "nginx", up)
             env.targets["bare"] = start_bare(env, "bare", up, "bare aiohttp pass-through proxy")
-            names: list[str] = [n for n in ("direct", "nginx", "bare", "sidecar", "sidecar-hs256") if n in env.targets]
+            names: list[str] = [n for n in ("direct", "nginx", "bare", "sidecar", "sidecar-pg", "sidecar-hs256")
+                                if n in env.targets]
             mcp_names: list[str] = []
             if not args.no_mcp:
                 mcp = start_mcp_server(env, "mcp-direct")
@@ -1082,6 +1117,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     finally:
         procs.stop_all()
+        for cleanup in env.cleanups:
+            cleanup()
         if args.keep_tmp:
             log(f"kept temp dir: {tmp}")
         else:

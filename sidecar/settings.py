@@ -411,7 +411,8 @@ def _load_signing(s: _Section, environ: Mapping[str, str], base_dir: Path) -> Si
 
 
 def _load_store(s: _Section, environ: Mapping[str, str]) -> StoreSettings:
-    url = environ.get(STORE_URL_ENV) or s.string("url", "")
+    configured = s.string("url", "")  # read either way: an empty url beside the variable is fine
+    url = environ.get(STORE_URL_ENV) or configured
     key = STORE_URL_ENV if environ.get(STORE_URL_ENV) else s.key("url")
     if url:
         parts = urlsplit(url)
