@@ -34,9 +34,10 @@ import contextlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -284,17 +285,15 @@ class PostgresKeyStore(KeyStore):
             raise StoreError("store is not open")
         return self._pool
 
-    @contextlib.asynccontextmanager
-    async def _acquire(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
-        with self._boundary():
-            async with self.pool.acquire() as con:
-                yield con
-
-    @contextlib.asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[PoolConnectionProxy[asyncpg.Record]]:
-        with self._boundary():
-            async with self.pool.acquire() as con, con.transaction():
-                yield con
+    def _attempts(self, *, transaction: bool = False) -> Iterator[_Attempt]:
+        """One pooled connection (in a transaction, if asked) for ``async with``; a second one
+        when the first turns out dead before the work was done (a database restart, or
+        ``pg_terminate_backend``, leaves every idle pooled connection dead; the pool only learns
+        it on use). Usage: ``for attempt in self._attempts(): async with attempt as con: ...``."""
+        first = _Attempt(self, transaction, last=False)
+        yield first
+        if first.lost:
+            yield _Attempt(self, transaction, last=True)
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -343,70 +342,76 @@ class PostgresKeyStore(KeyStore):
                 pool.terminate()
 
     async def ping(self) -> None:
-        async with self._acquire() as con:
-            await con.fetchval("SELECT 1")
+        for attempt in self._attempts():
+            async with attempt as con:
+                await con.fetchval("SELECT 1")
 
     # -- keys ------------------------------------------------------------------------------------
 
     async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord:
-        async with self._transaction() as con:
-            revision = int(await con.fetchval(_BUMP_REVISION))
-            try:
-                await con.execute(
-                    _INSERT_KEY, record.id, record.lookup_id, record.name, list(record.roles), record.workspace,
-                    record.status, record.key_hash, _ts(record.created_at), record.created_by,
-                    _opt_ts(record.last_used_at), _opt_ts(record.disabled_at), _opt_ts(record.expires_at),
-                    _opt_ts(record.disable_at), revision,
-                )
-            except asyncpg.UniqueViolationError as exc:
-                # Raised inside the transaction, so it rolls back (revision bump and audit rows too).
-                if exc.constraint_name == "keys_lookup_id_key":
-                    raise DuplicateLookupId(record.lookup_id) from None
-                raise DuplicateName(record.name) from None
-            if audit:
-                await con.executemany(_INSERT_AUDIT, [_audit_params(e) for e in audit])
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                revision = int(await con.fetchval(_BUMP_REVISION))
+                try:
+                    await con.execute(
+                        _INSERT_KEY, record.id, record.lookup_id, record.name, list(record.roles), record.workspace,
+                        record.status, record.key_hash, _ts(record.created_at), record.created_by,
+                        _opt_ts(record.last_used_at), _opt_ts(record.disabled_at), _opt_ts(record.expires_at),
+                        _opt_ts(record.disable_at), revision,
+                    )
+                except asyncpg.UniqueViolationError as exc:
+                    # Raised inside the transaction, so it rolls back (revision bump and audit rows too).
+                    if exc.constraint_name == "keys_lookup_id_key":
+                        raise DuplicateLookupId(record.lookup_id) from None
+                    raise DuplicateName(record.name) from None
+                if audit:
+                    await con.executemany(_INSERT_AUDIT, [_audit_params(e) for e in audit])
         return replace(record, revision=revision)
 
     async def all_keys(self) -> list[KeyRecord]:
         return await self._fetch_keys(f"{_SELECT_KEYS} ORDER BY created_at, id")
 
     async def audit_page(self, after_id: int, limit: int) -> list[AuditRecord]:
-        async with self._acquire() as con:
-            rows = await con.fetch('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
-                                   "FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit)
+        for attempt in self._attempts():
+            async with attempt as con:
+                rows = await con.fetch('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
+                                       "FROM audit_events WHERE id > $1 ORDER BY id LIMIT $2", after_id, limit)
         return [_audit_from_row(r) for r in rows]
 
     async def import_records(self, keys: Sequence[KeyRecord], audit: Sequence[AuditRecord]) -> tuple[int, int]:
-        added_keys = added_events = 0
-        async with self._transaction() as con:
-            for record in keys:
-                revision = int(await con.fetchval(_BUMP_REVISION))
-                status = await con.execute(
-                    _INSERT_KEY + " ON CONFLICT (id) DO NOTHING", record.id, record.lookup_id, record.name,
-                    list(record.roles), record.workspace, record.status, record.key_hash, _ts(record.created_at),
-                    record.created_by, _opt_ts(record.last_used_at), _opt_ts(record.disabled_at),
-                    _opt_ts(record.expires_at), _opt_ts(record.disable_at), revision)
-                added_keys += _row_count(status)
-            for event in audit:
-                # The source's ids are kept, so a second copy finds them and adds nothing.
-                status = await con.execute(
-                    'INSERT INTO audit_events (id, "time", action, actor, workspace, key_id, key_name, client, '
-                    "details) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) "
-                    "ON CONFLICT (id) DO NOTHING", event.id, *_audit_params(event))
-                added_events += _row_count(status)
-            # New events after the copy must get ids above the copied ones.
-            await con.execute("SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
-                              "GREATEST((SELECT COALESCE(MAX(id), 0) FROM audit_events), 1))")
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                added_keys = added_events = 0
+                for record in keys:
+                    revision = int(await con.fetchval(_BUMP_REVISION))
+                    status = await con.execute(
+                        _INSERT_KEY + " ON CONFLICT (id) DO NOTHING", record.id, record.lookup_id, record.name,
+                        list(record.roles), record.workspace, record.status, record.key_hash, _ts(record.created_at),
+                        record.created_by, _opt_ts(record.last_used_at), _opt_ts(record.disabled_at),
+                        _opt_ts(record.expires_at), _opt_ts(record.disable_at), revision)
+                    added_keys += _row_count(status)
+                for event in audit:
+                    # The source's ids are kept, so a second copy finds them and adds nothing.
+                    status = await con.execute(
+                        'INSERT INTO audit_events (id, "time", action, actor, workspace, key_id, key_name, client, '
+                        "details) OVERRIDING SYSTEM VALUE VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9::jsonb) "
+                        "ON CONFLICT (id) DO NOTHING", event.id, *_audit_params(event))
+                    added_events += _row_count(status)
+                # New events after the copy must get ids above the copied ones.
+                await con.execute("SELECT setval(pg_get_serial_sequence('audit_events', 'id'), "
+                                  "GREATEST((SELECT COALESCE(MAX(id), 0) FROM audit_events), 1))")
         return added_keys, added_events
 
     async def _fetch_key(self, sql: str, *args: Any) -> KeyRecord | None:
-        async with self._acquire() as con:
-            row = await con.fetchrow(sql, *args)
+        for attempt in self._attempts():
+            async with attempt as con:
+                row = await con.fetchrow(sql, *args)
         return _key_from_row(row) if row is not None else None
 
     async def _fetch_keys(self, sql: str, *args: Any) -> list[KeyRecord]:
-        async with self._acquire() as con:
-            rows = await con.fetch(sql, *args)
+        for attempt in self._attempts():
+            async with attempt as con:
+                rows = await con.fetch(sql, *args)
         return [_key_from_row(row) for row in rows]
 
     async def get_key(self, key_id: str) -> KeyRecord | None:
@@ -421,24 +426,27 @@ class PostgresKeyStore(KeyStore):
     async def set_status(self, key_id: str, status: str, now: datetime,
                          audit: AuditRecord) -> KeyRecord | None:
         try:
-            async with self._transaction() as con:
-                revision = int(await con.fetchval(_BUMP_REVISION))
-                if status == DISABLED:
-                    row = await con.fetchrow(_DISABLE, _ts(now), revision, key_id)
-                else:
-                    row = await con.fetchrow(_ENABLE, revision, key_id)
-                if row is None:
-                    raise _NoSuchKey
-                await con.execute(_INSERT_AUDIT, *_audit_params(audit))
+            for attempt in self._attempts(transaction=True):
+                async with attempt as con:
+                    revision = int(await con.fetchval(_BUMP_REVISION))
+                    if status == DISABLED:
+                        row = await con.fetchrow(_DISABLE, _ts(now), revision, key_id)
+                    else:
+                        row = await con.fetchrow(_ENABLE, revision, key_id)
+                    if row is None:
+                        raise _NoSuchKey
+                    await con.execute(_INSERT_AUDIT, *_audit_params(audit))
         except _NoSuchKey:
             return None
+        assert row is not None
         return _key_from_row(row)
 
     async def schedule_disable(self, key_id: str, when: datetime | None) -> None:
-        async with self._transaction() as con:
-            revision = int(await con.fetchval(_BUMP_REVISION))
-            await con.execute("UPDATE keys SET disable_at = $1, revision = $2 WHERE id = $3",
-                              _opt_ts(when), revision, key_id)
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                revision = int(await con.fetchval(_BUMP_REVISION))
+                await con.execute("UPDATE keys SET disable_at = $1, revision = $2 WHERE id = $3",
+                                  _opt_ts(when), revision, key_id)
 
     async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]:
         return await self._fetch_keys(
@@ -453,32 +461,36 @@ class PostgresKeyStore(KeyStore):
 
     async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
         """Write the expiry's audit event unless another process already did; True if written."""
-        async with self._transaction() as con:
-            status = await con.execute(
-                "UPDATE keys SET expiry_noted = true WHERE id = $1 AND NOT expiry_noted", key_id)
-            noted = _row_count(status) > 0
-            if noted:
-                await con.execute(_INSERT_AUDIT, *_audit_params(audit))
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                status = await con.execute(
+                    "UPDATE keys SET expiry_noted = true WHERE id = $1 AND NOT expiry_noted", key_id)
+                noted = _row_count(status) > 0
+                if noted:
+                    await con.execute(_INSERT_AUDIT, *_audit_params(audit))
         return noted
 
     async def update_hash(self, key_id: str, key_hash: str) -> None:
-        async with self._acquire() as con:
-            await con.execute("UPDATE keys SET key_hash = $1 WHERE id = $2", key_hash, key_id)
+        for attempt in self._attempts():
+            async with attempt as con:
+                await con.execute("UPDATE keys SET key_hash = $1 WHERE id = $2", key_hash, key_id)
 
     async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None:
         if not last_used:
             return
         # Sorted: replicas flushing overlapping batches lock rows in the same order (no deadlock).
         # GREATEST ignores NULL and keeps the newest time when several replicas share the store.
-        async with self._transaction() as con:
-            await con.executemany(
-                "UPDATE keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2",
-                [(_ts(when), key_id) for key_id, when in sorted(last_used.items())])
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                await con.executemany(
+                    "UPDATE keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2",
+                    [(_ts(when), key_id) for key_id, when in sorted(last_used.items())])
 
     async def count_by_status(self, workspace: str) -> dict[str, int]:
-        async with self._acquire() as con:
-            rows = await con.fetch("SELECT status, COUNT(*) FROM keys WHERE workspace = $1 GROUP BY status",
-                                   workspace)
+        for attempt in self._attempts():
+            async with attempt as con:
+                rows = await con.fetch("SELECT status, COUNT(*) FROM keys WHERE workspace = $1 GROUP BY status",
+                                       workspace)
         counts = {ENABLED: 0, DISABLED: 0}
         for status, count in rows:
             counts[str(status)] = int(count)
@@ -490,8 +502,9 @@ class PostgresKeyStore(KeyStore):
         rows = [_audit_params(e) for e in events]
         if not rows:
             return
-        async with self._transaction() as con:
-            await con.executemany(_INSERT_AUDIT, rows)
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                await con.executemany(_INSERT_AUDIT, rows)
 
     async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
         sql = ('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
@@ -502,27 +515,31 @@ class PostgresKeyStore(KeyStore):
             args.append(before)
         sql += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
         args.append(limit)
-        async with self._acquire() as con:
-            rows = await con.fetch(sql, *args)
+        for attempt in self._attempts():
+            async with attempt as con:
+                rows = await con.fetch(sql, *args)
         return [_audit_from_row(r) for r in rows]
 
     # -- change feed -----------------------------------------------------------------------------
 
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
-        async with self._acquire() as con:
-            newest = int(await con.fetchval(_REVISION))
-            if newest <= revision:
-                return newest, []
-            # Rows newer than ``newest`` may show up too (committed between the two reads); they
-            # are delivered again on the next call, which is harmless.
-            rows = await con.fetch(f"{_SELECT_KEYS} WHERE revision > $1 ORDER BY revision", revision)
+        for attempt in self._attempts():
+            async with attempt as con:
+                newest = int(await con.fetchval(_REVISION))
+                if newest <= revision:
+                    return newest, []
+                # Rows newer than ``newest`` may show up too (committed between the two reads); they
+                # are delivered again on the next call, which is harmless.
+                rows = await con.fetch(f"{_SELECT_KEYS} WHERE revision > $1 ORDER BY revision", revision)
         return newest, [_key_from_row(r) for r in rows]
 
     async def external_change_marker(self) -> int:
         """The revision counter. Unlike SQLite's marker it also moves for this process's own
         commits; a caller that then asks ``changes_since`` just finds what it already knows."""
-        async with self._acquire() as con:
-            return int(await con.fetchval(_REVISION))
+        for attempt in self._attempts():
+            async with attempt as con:
+                return int(await con.fetchval(_REVISION))
+        raise StoreError("unreachable: the last attempt raises or returns")
 
     async def listen(self, callback: Callable[[int], None], *, heartbeat_seconds: float = 1.0,
                      max_retry_seconds: float = 2.0) -> KeyChangeFeed:
@@ -543,66 +560,136 @@ class PostgresKeyStore(KeyStore):
         never moved. Returns the owner: the existing one, or ``key_id``."""
         stamp = _ts(now)
         for _ in range(3):
-            async with self._acquire() as con:
-                # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to commit;
-                # the SELECT (a new snapshot under READ COMMITTED) then sees the winner.
-                owner = await con.fetchval(
-                    "INSERT INTO session_bindings (session_id, key_id, created_at, seen_at) "
-                    "VALUES ($1, $2, $3, $3) ON CONFLICT (session_id) DO NOTHING RETURNING key_id",
-                    session_id, key_id, stamp)
-                if owner is None:
-                    owner = await con.fetchval("SELECT key_id FROM session_bindings WHERE session_id = $1",
-                                               session_id)
+            for attempt in self._attempts():
+                async with attempt as con:
+                    # ON CONFLICT DO NOTHING waits for a concurrent insert of the same id to commit;
+                    # the SELECT (a new snapshot under READ COMMITTED) then sees the winner.
+                    owner = await con.fetchval(
+                        "INSERT INTO session_bindings (session_id, key_id, created_at, seen_at) "
+                        "VALUES ($1, $2, $3, $3) ON CONFLICT (session_id) DO NOTHING RETURNING key_id",
+                        session_id, key_id, stamp)
+                    if owner is None:
+                        owner = await con.fetchval("SELECT key_id FROM session_bindings WHERE session_id = $1",
+                                                   session_id)
             if owner is not None:
                 return str(owner)
             # Pruned between the two statements: try again.
         raise StoreError("session binding could not be read back")
 
     async def session_owner(self, session_id: str) -> str | None:
-        async with self._acquire() as con:
-            owner = await con.fetchval("SELECT key_id FROM session_bindings WHERE session_id = $1", session_id)
+        for attempt in self._attempts():
+            async with attempt as con:
+                owner = await con.fetchval("SELECT key_id FROM session_bindings WHERE session_id = $1", session_id)
         return None if owner is None else str(owner)
 
     async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
         """Record when bound sessions were last used (batched by the caller)."""
         if not seen:
             return
-        async with self._transaction() as con:
-            await con.executemany(
-                "UPDATE session_bindings SET seen_at = GREATEST(seen_at, $1) WHERE session_id = $2",
-                [(_ts(when), session_id) for session_id, when in sorted(seen.items())])
+        for attempt in self._attempts(transaction=True):
+            async with attempt as con:
+                await con.executemany(
+                    "UPDATE session_bindings SET seen_at = GREATEST(seen_at, $1) WHERE session_id = $2",
+                    [(_ts(when), session_id) for session_id, when in sorted(seen.items())])
 
     async def prune_sessions(self, older_than: datetime) -> int:
         """Forget bindings not used since ``older_than``; returns how many."""
-        async with self._acquire() as con:
-            status = await con.execute("DELETE FROM session_bindings WHERE seen_at < $1", _ts(older_than))
+        for attempt in self._attempts():
+            async with attempt as con:
+                status = await con.execute("DELETE FROM session_bindings WHERE seen_at < $1", _ts(older_than))
         return _row_count(status)
 
     # -- shared settings -------------------------------------------------------------------------
 
     async def put_secret(self, name: str, value: str) -> None:
-        async with self._acquire() as con:
-            await con.execute("INSERT INTO shared_settings (name, value) VALUES ($1, $2) "
-                              "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", name, value)
+        for attempt in self._attempts():
+            async with attempt as con:
+                await con.execute("INSERT INTO shared_settings (name, value) VALUES ($1, $2) "
+                                  "ON CONFLICT (name) DO UPDATE SET value = EXCLUDED.value", name, value)
 
     async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str:
         """The value stored under ``name``; if there is none, ``make()``'s value is stored. When
         several replicas race, the first commit wins and every caller gets that value."""
         select = "SELECT value FROM shared_settings WHERE name = $1"
-        async with self._acquire() as con:
-            value = await con.fetchval(select, name)
+        for attempt in self._attempts():
+            async with attempt as con:
+                value = await con.fetchval(select, name)
         if value is not None:
             return str(value)
         candidate = make()
-        async with self._acquire() as con:
-            value = await con.fetchval(
-                "INSERT INTO shared_settings (name, value) VALUES ($1, $2) "
-                "ON CONFLICT (name) DO NOTHING RETURNING value", name, candidate)
-            if value is None:
-                value = await con.fetchval(select, name)
+        for attempt in self._attempts():
+            async with attempt as con:
+                value = await con.fetchval(
+                    "INSERT INTO shared_settings (name, value) VALUES ($1, $2) "
+                    "ON CONFLICT (name) DO NOTHING RETURNING value", name, candidate)
+                if value is None:
+                    value = await con.fetchval(select, name)
         if value is None:
             raise StoreError(f"shared setting {name!r} could not be read back")
         return str(value)
+
+
+# A pooled connection the server already closed: nothing of the work reached the database.
+# (InternalClientError: asyncpg's protocol state after the server's FATAL message arrived on an
+# idle connection, e.g. from pg_terminate_backend.)
+_CONNECTION_LOST = (asyncpg.ConnectionDoesNotExistError, asyncpg.AdminShutdownError, asyncpg.CannotConnectNowError,
+                    asyncpg.InterfaceError, asyncpg.InternalClientError, ConnectionError)
+
+
+class _Attempt:
+    """One try at a unit of work on a pooled connection (see ``PostgresKeyStore._attempts``)."""
+
+    def __init__(self, store: PostgresKeyStore, transaction: bool, *, last: bool) -> None:
+        self._store = store
+        self._transaction = transaction
+        self._last = last
+        self._acquired: Any = None
+        self._tx: Any = None
+        self.lost = False
+
+    async def __aenter__(self) -> PoolConnectionProxy[asyncpg.Record]:
+        with self._store._boundary():
+            self._acquired = self._store.pool.acquire()
+            con: PoolConnectionProxy[asyncpg.Record] = await self._acquired.__aenter__()
+            if self._transaction:
+                try:
+                    self._tx = con.transaction()
+                    await self._tx.start()
+                except BaseException as exc:
+                    await self._acquired.__aexit__(type(exc), exc, exc.__traceback__)
+                    if isinstance(exc, _CONNECTION_LOST) and not self._last:
+                        return await self._retry_enter()
+                    raise
+            return con
+
+    async def _retry_enter(self) -> PoolConnectionProxy[asyncpg.Record]:
+        # BEGIN itself found the connection dead: take a fresh one right here.
+        await self._store.pool.expire_connections()
+        self._last = True
+        return await self.__aenter__()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> bool:
+        acquired, self._acquired = self._acquired, None
+        with self._store._boundary():
+            try:
+                if self._tx is not None:
+                    if exc is None:
+                        # A loss here is not retried: the COMMIT may have landed.
+                        await self._tx.commit()
+                    else:
+                        with contextlib.suppress(*_DRIVER_ERRORS):
+                            await self._tx.rollback()
+            finally:
+                await acquired.__aexit__(kind, exc, tb)
+        if exc is not None and isinstance(exc, _CONNECTION_LOST) and not self._last:
+            # Idle connections after a restart are all dead: make the pool open fresh ones.
+            await self._store.pool.expire_connections()
+            self.lost = True
+            return True
+        if exc is not None and isinstance(exc, _DRIVER_ERRORS) and not isinstance(exc, StoreError):
+            raise StoreError(self._store._describe(exc)) from None
+        return False
 
 
 class KeyChangeFeed:
