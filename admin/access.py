@@ -1,6 +1,6 @@
 """Who is calling the admin API, and may they?
 
-Two ways in (SPEC 5):
+Two ways in (docs/reference/admin-api.md):
 
 * ``Authorization: Bearer <admin key>``: checked by the proxy's own :class:`Authenticator`
   (same cache, same failure budgets, so brute force meets the same 429). No CSRF check: a

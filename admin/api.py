@@ -1,4 +1,4 @@
-"""Key endpoints of the admin API (SPEC 5): validate -> store (+ audit, one transaction) ->
+"""Key endpoints of the admin API (docs/reference/admin-api.md): validate -> store (+ audit, one transaction) ->
 invalidate caches and cut streams -> answer.
 
 The work itself is :class:`sidecar.keys.KeyManager`'s, shared with the CLI; this module turns
@@ -37,7 +37,7 @@ async def read_object(request: web.Request, allowed: Collection[str], *, empty_o
     try:
         raw = await request.read()
     except web.HTTPRequestEntityTooLarge:
-        # aiohttp's own 413 is HTML; the admin API answers in JSON (SPEC 5).
+        # aiohttp's own 413 is HTML; the admin API answers in JSON (docs/reference/admin-api.md).
         raise ApiError(413, "body_too_large",
                        f"the request body exceeds {request.client_max_size} bytes") from None
     if not raw.strip() and empty_ok:
@@ -93,7 +93,7 @@ class KeyApi:
 
     def _key(self, record: KeyRecord) -> dict[str, Any]:
         # last_used_at reaches the store in batches; show the newer in-memory time so that an
-        # operator checking a rotated key's first use sees it at once (SPEC 2, rotation).
+        # operator checking a rotated key's first use sees it at once (docs/reference/keys.md, rotation).
         pending = self._services.last_used.pending.get(record.id)
         if pending is not None:
             when = datetime.fromtimestamp(pending, UTC)
@@ -117,7 +117,7 @@ class KeyApi:
         record, full = await self._services.keys.create(
             name=body["name"], roles=body["roles"], expires_at=body.get("expires_at"),
             actor=caller.name, client=caller.client)
-        # The full key leaves the server in this one response and is never stored (SPEC 2).
+        # The full key leaves the server in this one response and is never stored (docs/reference/keys.md).
         return json_response(201, {**self._key(record), "key": full},
                              headers={"Location": f"{API}/keys/{record.id}"})
 
@@ -130,7 +130,7 @@ class KeyApi:
         caller = await self._access.caller(request)
         await read_object(request, (), empty_ok=True)
         # KeyManager.set_status invalidates the cache and cuts the key's streams before it
-        # returns, so the next request with a disabled key is refused (SPEC 2: no cache delay).
+        # returns, so the next request with a disabled key is refused (docs/reference/keys.md: no cache delay).
         record = await self._services.keys.set_status(request.match_info["id"], status,
                                                       actor=caller.name, client=caller.client)
         return json_response(200, self._key(record))

@@ -52,7 +52,7 @@ MCP_PATH = "/mcp"
 ALLOWED_HOSTS = ["127.0.0.1:*", "localhost:*", "[::1]:*"]
 ALLOWED_ORIGINS = ["http://127.0.0.1:*", "http://localhost:*", "http://[::1]:*"]
 
-# Identity headers the sidecar adds (SPEC 3); ``whoami`` reports them under these keys.
+# Identity headers the sidecar adds (docs/reference/headers.md); ``whoami`` reports them under these keys.
 _IDENTITY_HEADERS = {
     "key_id": "x-toolio-key-id",
     "key_name": "x-toolio-key-name",

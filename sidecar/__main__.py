@@ -1,4 +1,4 @@
-"""The ``toolio-sidecar`` command line (SPEC 8): parse args, load settings, run.
+"""The ``toolio-sidecar`` command line (docs/reference/config.md): parse args, load settings, run.
 
     toolio-sidecar serve [--config PATH]
     toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--json]

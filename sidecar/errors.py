@@ -60,7 +60,7 @@ class SidecarError(Exception):
 
 
 class AuthError(SidecarError):
-    """RFC 6750 3.1; ``reason`` is the bounded metrics label (SPEC 7)."""
+    """RFC 6750 3.1; ``reason`` is the bounded metrics label (docs/reference/metrics.md)."""
 
     reason = "invalid"
 

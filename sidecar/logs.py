@@ -1,4 +1,4 @@
-"""JSON-lines logging to stdout: access lines, audit lines, errors (SPEC 6).
+"""JSON-lines logging to stdout: access lines, audit lines, errors (docs/reference/admin-api.md).
 
 One line per record, ``{"time", "level", "type", ...}``. Nothing that reaches these lines may
 carry a key or an Authorization value; as a second line of defence every line is scrubbed of

@@ -1,4 +1,4 @@
-"""Every Prometheus metric of the sidecar (SPEC 7), registered on an injected registry.
+"""Every Prometheus metric of the sidecar (docs/reference/metrics.md), registered on an injected registry.
 
 Labels are bounded by construction: status class, a fixed set of methods, a fixed set of
 failure reasons. Never a key, a path, a client address or free text. Hot-path children are

@@ -1,4 +1,4 @@
-"""Settings: one TOML file (SPEC 8) plus environment overrides for secrets.
+"""Settings: one TOML file (docs/reference/config.md) plus environment overrides for secrets.
 
 Every value is validated here, at load, so that a bad config stops start-up with a message
 naming the offending key (the CLI turns :class:`SettingsError` into exit status 2). This is
@@ -143,7 +143,7 @@ class Settings:
         return self.data_dir / "sidecar.db"
 
     def permissions_for(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
-        """The union of the roles' permissions (SPEC 1); unknown roles grant nothing."""
+        """The union of the roles' permissions (docs/reference/keys.md); unknown roles grant nothing."""
         perms: set[str] = set()
         for name in roles:
             role = self.roles.get(name)
@@ -242,7 +242,7 @@ def _parse_upstream(key: str, text: str) -> str:
         raise SettingsError(key, f"expected an http(s) URL, got {text!r}")
     if parts.query or parts.fragment or parts.username or parts.password:
         raise SettingsError(key, "must not contain a query, fragment or credentials")
-    # The request's path is appended (SPEC 3), so a trailing slash would double it.
+    # The request's path is appended (docs/reference/headers.md), so a trailing slash would double it.
     return text.rstrip("/")
 
 

@@ -319,7 +319,7 @@ class Authenticator:
         return None
 
     async def _rehash(self, key_id: str, full_key: str) -> None:
-        # argon2 parameters changed since this hash was made (SPEC 2): store a fresh hash.
+        # argon2 parameters changed since this hash was made (docs/reference/keys.md): store a fresh hash.
         async with self._verify_slots:
             new_hash = await asyncio.get_running_loop().run_in_executor(
                 self._argon2_threads, self._hasher.hash, full_key)

@@ -1,4 +1,4 @@
-"""Token buckets for failed authentications, per client address and per lookup id (SPEC 3).
+"""Token buckets for failed authentications, per client address and per lookup id (docs/reference/headers.md).
 
 Only failures spend tokens, so valid traffic never pays; memory is bounded by an LRU of
 buckets. A full bucket holds one minute's allowance and refills continuously.

@@ -21,7 +21,7 @@ class Principal:
     name: str
     workspace: str
     roles: tuple[str, ...]          # sorted
-    permissions: tuple[str, ...]    # sorted union of the roles' permissions (SPEC 1)
+    permissions: tuple[str, ...]    # sorted union of the roles' permissions (docs/reference/keys.md)
     deadline: float | None          # epoch seconds: expiry or scheduled disable
     revision: int                   # the store revision of the record it was made from
     # Pre-rendered once per cache fill so that a cache hit does no formatting work.

@@ -1,4 +1,4 @@
-"""Audit events (SPEC 6): durable rows in the store, mirrored as JSON log lines.
+"""Audit events (docs/reference/admin-api.md): durable rows in the store, mirrored as JSON log lines.
 
 Key changes carry their audit row into the store's own transaction (see ``KeyStore``), so an
 API success means both are on disk. ``auth.failed`` is aggregated: one row per lookup id /
@@ -89,7 +89,7 @@ class AuditLog:
         for slot in due:
             count, reasons = self._failures.pop(slot)
             minute, lookup_id, client = slot
-            # SPEC 6: the key name appears in every event about a key, so failures against a real
+            # docs/reference/admin-api.md: the key name appears in every event about a key, so failures against a real
             # key's lookup id name it (a lookup id is not secret; the failed secret is never kept).
             if lookup_id and lookup_id not in names:
                 try:

@@ -1,4 +1,4 @@
-"""API key format (SPEC 2): generate, parse, checksum, preview; argon2id hashing.
+"""API key format (docs/reference/keys.md): generate, parse, checksum, preview; argon2id hashing.
 
     tak_ + LLLLLLLL (lookup id, 8) + SSSS...S (secret, 32) + CCCCCC (checksum, 6)
 
@@ -63,7 +63,7 @@ def _base62(value: int, width: int) -> str:
 
 
 def checksum(lookup_id: str, secret: str) -> str:
-    """6 base62 digits of CRC-32 over ``tak_`` + lookup id + secret (SPEC 2)."""
+    """6 base62 digits of CRC-32 over ``tak_`` + lookup id + secret (docs/reference/keys.md)."""
     # 62**6 > 2**32, so every CRC-32 value fits in six digits without loss.
     return _base62(zlib.crc32(f"{PREFIX}{lookup_id}{secret}".encode("ascii")), CHECKSUM_LEN)
 

@@ -30,7 +30,7 @@ def new_key_id() -> str:
 
 
 def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
-    """The public key object (SPEC 5); never the hash, never the key."""
+    """The public key object (docs/reference/admin-api.md); never the hash, never the key."""
     return {
         "id": record.id,
         "name": record.name,
@@ -162,7 +162,7 @@ class KeyManager:
         if updated is None:
             raise KeyNotFound(key_id)
         # Tell the running proxy before answering: the next request with this key is refused
-        # and its open streams are cut (SPEC 2: no cache delay).
+        # and its open streams are cut (docs/reference/keys.md: no cache delay).
         if self._on_change is not None:
             self._on_change(updated)
         self._audit.emitted(event)

@@ -21,7 +21,7 @@ def utcnow() -> datetime:
 
 
 def to_rfc3339(value: datetime | None) -> str | None:
-    """RFC 3339 UTC with a ``Z`` suffix, millisecond precision (SPEC 5: times are RFC 3339 UTC)."""
+    """RFC 3339 UTC with a ``Z`` suffix, millisecond precision (docs/reference/admin-api.md: times are RFC 3339 UTC)."""
     if value is None:
         return None
     return value.astimezone(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")

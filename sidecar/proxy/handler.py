@@ -152,7 +152,7 @@ class ProxyHandler:
     async def _forward(self, request: Request, principal: Principal, outcome: _Outcome, started: float) -> None:
         # Registered before the first await of forwarding (reading the body), so a disable from
         # now on cuts this request; and one that landed while authentication was still running
-        # (a shared argon2 verification, a slow store read) refuses it here (SPEC 2: the next
+        # (a shared argon2 verification, a slow store read) refuses it here (docs/reference/keys.md: the next
         # request after a disable is rejected).
         task: asyncio.Task[object] | None = asyncio.current_task()
         assert task is not None
@@ -221,7 +221,7 @@ class ProxyHandler:
         elif length is not None and length <= SMALL_BODY:
             # A small body with a declared length is one complete JSON-RPC message already in
             # the socket buffer: relaying it in one piece (head and body in one write) saves the
-            # per-chunk machinery (PERFORMANCE.md: body streaming is ~17% of a bare proxy's cost).
+            # per-chunk machinery (bench/RESULTS.md: body streaming is ~17% of a bare proxy's cost).
             # Anything chunked, larger, or without a length streams chunk by chunk.
             # Usually the whole body came with the head: take it without a wait.
             if request.body_complete:

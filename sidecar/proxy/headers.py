@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from sidecar.gate.principal import Principal
 
 # RFC 9110 7.6.1: connection-specific fields a proxy must not forward, plus the fields this
-# proxy owns itself: Host (the upstream's own, SPEC 3), Expect (100-continue is answered here)
+# proxy owns itself: Host (the upstream's own, docs/reference/headers.md), Expect (100-continue is answered here)
 # and credentials (MCP authorization spec: servers MUST NOT pass tokens through).
 HOP_BY_HOP = frozenset({
     "connection", "proxy-connection", "keep-alive", "te", "transfer-encoding", "upgrade", "trailer",

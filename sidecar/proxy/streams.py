@@ -9,7 +9,7 @@ import time
 
 class StreamRegistry:
     """In-flight proxied requests per key id, so that disabling a key can cut its open streams
-    (SPEC 2: within 1 s) and shutdown can wait for them to drain."""
+    (docs/reference/keys.md: within 1 s) and shutdown can wait for them to drain."""
 
     def __init__(self) -> None:
         self._by_key: dict[str, set[asyncio.Task[object]]] = {}

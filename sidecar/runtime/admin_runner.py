@@ -68,7 +68,7 @@ class GuardedRequestHandler(RequestHandler):
                      message: str | None = None) -> StreamResponse:
         # aiohttp's own error page quotes the offending request line back to the client and into
         # the log, e.g. "Authorization : Bearer tak_..." for a bad field line, which would echo the
-        # key (RFC 6750 5.3 / SPEC 3: keys are never echoed). Answer with a fixed JSON body and
+        # key (RFC 6750 5.3 / docs/reference/headers.md: keys are never echoed). Answer with a fixed JSON body and
         # log only the kind of error; unexpected handler failures (500) keep their traceback.
         if status >= 500 and not isinstance(exc, HttpProcessingError):
             self.log_exception("Error handling request from %s", request.remote, exc_info=exc)

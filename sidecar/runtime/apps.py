@@ -35,7 +35,7 @@ def create_app(settings: Settings, *, log: JsonLog | None = None,
     return SidecarApps(proxy=proxy, admin=admin, services=services)
 
 
-# The admin package builds on sidecar, never the other way round (DESIGN: ``sidecar`` never
+# The admin package builds on sidecar, never the other way round (docs/architecture.md: ``sidecar`` never
 # imports ``admin``): it registers its routes through this entry-point group in pyproject.toml,
 # so the composition is declared by the distribution, not imported here.
 ADMIN_ENTRY_POINTS = "toolio_sidecar.admin"

@@ -15,9 +15,9 @@ DISCOVERY_PREFIXES = ("/.well-known/oauth-protected-resource", "/.well-known/oau
 
 
 class ProxyApp:
-    """The public listener's application (SPEC 3): ``GET /healthz``, ``GET /.well-known/jwks.json``
+    """The public listener's application (docs/reference/headers.md): ``GET /healthz``, ``GET /.well-known/jwks.json``
     and the OAuth discovery probes are answered here without auth; every other request is the
-    proxy's. No middlewares: the hot path is one handler (DESIGN: a cache hit does no extra work)."""
+    proxy's. No middlewares: the hot path is one handler (docs/architecture.md: a cache hit does no extra work)."""
 
     def __init__(self, services: Services) -> None:
         self.services = services

@@ -1,7 +1,7 @@
 """Running both listeners (the public one is ``sidecar.http.server``, the admin one aiohttp with a
 head deadline and JSON error pages), and the graceful drain on SIGTERM.
 
-Drain order (SPEC 5 readiness, issue "graceful drain"): readiness turns 503 at once; after a
+Drain order (docs/reference/admin-api.md readiness, issue "graceful drain"): readiness turns 503 at once; after a
 short delay (so the load balancer / kube-proxy stops sending new connections) the listeners
 close; in-flight requests and SSE streams may finish for up to ``shutdown_grace_seconds``;
 then the rest are cut, batched state is flushed and the process exits 0.

@@ -63,7 +63,7 @@ MIGRATIONS: tuple[str, ...] = (
         details   TEXT NOT NULL
     );
     CREATE INDEX audit_workspace_id ON audit_events (workspace, id);
-    -- Append-only (SPEC 6): the database itself refuses edits of audit rows.
+    -- Append-only (docs/reference/admin-api.md): the database itself refuses edits of audit rows.
     CREATE TRIGGER audit_no_update BEFORE UPDATE ON audit_events
         BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
     CREATE TRIGGER audit_no_delete BEFORE DELETE ON audit_events
