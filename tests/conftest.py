@@ -6,7 +6,8 @@
   harness), stopped at teardown; returns a :class:`RunningSidecar`;
 * ``echo``: the recording upstream answering with its ``echo`` behaviour;
 * ``mcp_upstream``: the bundled example MCP server (official SDK) base URL;
-* ``sidecar``: a sidecar in front of ``echo`` with the default test settings.
+* ``sidecar``: a sidecar in front of ``echo`` with the default test settings;
+* the PostgreSQL fixtures of ``tests.support.postgres`` (``pg_url`` ...), registered here once.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import pytest
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.upstreams import RecordingUpstream, example_upstream, run_echo_upstream
+
+pytest_plugins = ["tests.support.postgres"]
 
 
 @pytest.fixture

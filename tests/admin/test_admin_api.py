@@ -748,32 +748,35 @@ async def test_session_ends_when_its_admin_key_is_disabled(tmp_path: Path) -> No
 
 
 async def test_session_expires_after_the_idle_timeout(tmp_path: Path) -> None:
-    async with admin_sidecar(tmp_path, admin={"session_idle_timeout_seconds": 1}) as sc:
+    # Each pause is 60% of the idle timeout: a busy machine may stretch it by 0.8 s, and two of
+    # them in a row still outlast the timeout, which only the refresh on use survives.
+    async with admin_sidecar(tmp_path, admin={"session_idle_timeout_seconds": 2}) as sc:
         _, _, cookie = await sc.login()
         assert cookie is not None
         jar = sc.cookie_header(cookie)
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.2)
         assert (await sc.call("GET", "/session", auth=False, headers=jar))[0] == 200  # use refreshes it
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.2)
         assert (await sc.call("GET", "/keys", auth=False, headers=jar))[0] == 200
-        await asyncio.sleep(1.1)
+        await asyncio.sleep(2.2)
         status, body, _ = await sc.call("GET", "/keys", auth=False, headers=jar)
     assert status == 401
     assert body["error"] == "unauthorized"
 
 
 async def test_session_expires_at_the_absolute_timeout_even_when_used(tmp_path: Path) -> None:
-    admin = {"session_idle_timeout_seconds": 10, "session_absolute_timeout_seconds": 1.5}
+    # Used every second, still ended at 3 s: the uses leave a 1 s margin for a busy machine.
+    admin = {"session_idle_timeout_seconds": 10, "session_absolute_timeout_seconds": 3}
     async with admin_sidecar(tmp_path, admin=admin) as sc:
         _, session, cookie = await sc.login()
         assert cookie is not None
         jar = sc.cookie_header(cookie)
         expires = datetime.fromisoformat(session["expires_at"].replace("Z", "+00:00"))
-        assert expires - datetime.now(UTC) <= timedelta(seconds=1.5)
+        assert expires - datetime.now(UTC) <= timedelta(seconds=3)
         for _ in range(2):
-            await asyncio.sleep(0.5)
+            await asyncio.sleep(1.0)
             assert (await sc.call("GET", "/keys", auth=False, headers=jar))[0] == 200
-        await asyncio.sleep(0.6)
+        await asyncio.sleep(1.1)
         status, _, _ = await sc.call("GET", "/keys", auth=False, headers=jar)
     assert status == 401
 

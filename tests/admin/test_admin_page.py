@@ -25,7 +25,6 @@ from playwright.async_api import (
     async_playwright,
     expect,
 )
-from playwright.async_api import Error as PlaywrightError
 
 from tests.support.admin import AdminSidecar, admin_sidecar
 from tests.support.mcp import mcp_client, mcp_url
@@ -348,12 +347,15 @@ async def test_cross_site_page_cannot_use_the_admin_session(tmp_path: Path, brow
             evil = await context.new_page()
             await evil.goto(f"http://localhost:{port}/")
             await expect(evil).to_have_title(re.compile("answered|blocked"))
-            # A classic form POST (top-level navigation) from the same site.
-            try:
+            # A classic form POST (top-level navigation) from the attacker's page. It must really
+            # be sent and refused: a click that never happened would prove nothing.
+            disable_url = f"{sc.admin_origin}/admin/api/keys/{victim['id']}/disable"
+            async with evil.expect_response(
+                    lambda r: r.url == disable_url and r.request.method == "POST"
+                    and r.request.is_navigation_request(), timeout=10_000) as answered:
                 await evil.locator("#f button").click()
-                await evil.wait_for_load_state()
-            except PlaywrightError:  # the JSON error page may abort the navigation; either is fine
-                pass
+            refused = await answered.value
+            assert refused.status in (401, 403), refused.status
             await evil.close()
         _, record, _ = await sc.call("GET", f"/keys/{victim['id']}")
         assert record["status"] == "enabled"

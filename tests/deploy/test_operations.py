@@ -12,6 +12,7 @@ from pathlib import Path
 from tests.support.config import ConfigFactory, deep_merge
 from tests.support.harness import bearer, client_session, running_sidecar
 from tests.support.metrics import scrape
+from tests.support.polling import eventually
 from tests.support.processes import Deployment, serving
 from tests.support.upstreams import RecordingUpstream
 
@@ -78,14 +79,16 @@ async def test_sigterm_during_an_sse_stream_drains_it_and_exits_zero(
             first = await stream.content.readuntil(b"\n\n")
             assert first == b"id: 0\ndata: event 0\n\n"
             proc.send_signal(signal.SIGTERM)
-            # Readiness fails at once so the load balancer stops sending traffic.
+            # Readiness fails at once so the load balancer stops sending traffic: before the
+            # drain's pre-stop delay (1 s) ends and the listeners close.
             t0 = time.monotonic()
-            while True:
+
+            async def not_ready() -> bool:
                 async with http.get(admin + "/readyz") as resp:
-                    if resp.status == 503:
-                        break
-                assert time.monotonic() - t0 < 0.5, "readyz did not turn 503 at once"
-                await asyncio.sleep(0.02)
+                    return resp.status == 503
+
+            await eventually(not_ready, what="readyz 503")
+            assert time.monotonic() - t0 < 1.0, "readyz did not turn 503 before the listeners closed"
             rest = await asyncio.wait_for(stream.content.read(), timeout=8)
         assert rest.count(b"data: ") == 7, rest  # the stream finished, nothing cut
         code = await asyncio.wait_for(proc.wait(), timeout=15)
@@ -98,3 +101,4 @@ async def test_sigterm_during_an_sse_stream_drains_it_and_exits_zero(
         db.close()
     assert last_used is not None, "the last-used batch was not flushed on shutdown"
     assert failed and json.loads(failed[0][0])["count"] == 1, "aggregated auth failures were not flushed"
+

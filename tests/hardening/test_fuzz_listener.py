@@ -195,6 +195,19 @@ def send_raw(port: int, data: bytes, expected: int) -> bytes:
     return bytes(received)
 
 
+def settle(target: FuzzTarget, quiet: float = 0.05, within: float = 5.0) -> None:
+    """Return once the bytes reaching the upstream have not changed for ``quiet`` seconds."""
+    deadline = time.monotonic() + within
+    last = target.upstream_bytes()
+    while time.monotonic() < deadline:
+        time.sleep(quiet)
+        now = target.upstream_bytes()
+        if now == last:
+            return
+        last = now
+    raise AssertionError(f"bytes kept reaching the upstream for {within} s")
+
+
 def healthz(port: int) -> int:
     raw = send_raw(port, b"GET /healthz HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n", 1)
     responses = parse_responses(raw)
@@ -213,7 +226,7 @@ def test_random_raw_requests_never_crash_leak_or_reach_the_upstream_without_a_va
     before = fuzz_sidecar.upstream_bytes()
     raw = send_raw(fuzz_sidecar.port, data, example.requests)
     if carries_key:
-        time.sleep(0.02)  # let a forwarded request finish arriving before the next example
+        settle(fuzz_sidecar)  # a forwarded request finishes arriving before the next example
     forwarded = fuzz_sidecar.upstream_bytes() - before
     statuses = [r.status for r in parse_responses(raw)]
     event(f"statuses {statuses}")

@@ -20,11 +20,11 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import Histogram
 
 from tests.support.attack import Attacker, assert_no_secrets, checksum_valid_token
 from tests.support.config import hardening_settings
 from tests.support.harness import RunningSidecar, running_sidecar
+from tests.support.metrics import sample
 from tests.support.upstreams import RecordingUpstream, recording_upstream
 
 pytestmark = pytest.mark.timeout(90)
@@ -33,15 +33,7 @@ TRUSTED = {"trusted_proxies": ["127.0.0.0/8"]}
 
 
 def argon2_runs(sidecar: RunningSidecar) -> float:
-    return histogram_count(sidecar.services.metrics.argon2_seconds)
-
-
-def histogram_count(histogram: Histogram) -> float:
-    for metric in histogram.collect():
-        for sample in metric.samples:
-            if sample.name.endswith("_count"):
-                return float(sample.value)
-    return 0.0
+    return sample(sidecar.services.registry, "toolio_sidecar_argon2_verify_seconds_count")
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from sidecar.proxy.handler import SMALL_BODY
 from tests.support.attack import assert_no_secrets
 from tests.support.config import hardening_settings
 from tests.support.harness import RunningSidecar, running_sidecar
+from tests.support.metrics import sample
 from tests.support.polling import eventually
 from tests.support.raw import LOOPBACK, closed_port, exchange, http_request, parse_responses
 from tests.support.upstreams import (
@@ -269,5 +270,5 @@ async def test_faults_leave_no_upstream_request_or_stream_counted_as_open(
         upstream.behaviour = behaviour
         await get(sidecar, key)
     assert len(sidecar.services.streams) == 0
-    assert sidecar.services.registry.get_sample_value("toolio_sidecar_open_streams") == 0
+    assert sample(sidecar.services.registry, "toolio_sidecar_open_streams") == 0
     await assert_still_healthy(sidecar, upstream, key)

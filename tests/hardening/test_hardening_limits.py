@@ -23,6 +23,7 @@ import pytest
 from tests.support.attack import assert_no_secrets
 from tests.support.config import hardening_settings
 from tests.support.harness import RunningSidecar, running_sidecar
+from tests.support.polling import eventually
 from tests.support.raw import LOOPBACK, closed_within, exchange, http_request, parse_fields, parse_responses
 from tests.support.upstreams import RecordingUpstream, answer_ok, recording_upstream
 
@@ -319,8 +320,12 @@ async def test_session_bindings_unused_for_their_ttl_are_forgotten_and_never_for
         _, mallory = await sidecar.create_key("mallory")
         _, session = await _call(sidecar, alice)
         assert (await _call(sidecar, mallory, session))[0] == 403
-        await asyncio.sleep(2.5)
         forwarded = len(session_upstream.completed)
+
+        async def pruned() -> bool:  # asked of the store: asking through the proxy counts as use
+            return await sidecar.services.store.session_owner(session) is None
+
+        await eventually(pruned, interval=0.1)
         # Forgotten, it is nobody's: the MCP transport's 404 for an unknown session, for both.
         assert (await _call(sidecar, mallory, session))[0] == 404
         assert (await _call(sidecar, alice, session))[0] == 404

@@ -896,8 +896,8 @@ async def test_stop_accepting_closes_idle_connections_at_once_and_answers_the_in
 
                 public.stop_accepting()
                 started = time.monotonic()
-                assert await closed_within(idle_reader, 1.0)
-                assert time.monotonic() - started < 0.5  # at once, not at a timeout
+                assert await closed_within(idle_reader, 5.0)
+                assert time.monotonic() - started < 3.0  # at once, not at a timeout (10 s and 30 s here)
                 with pytest.raises(ConnectionRefusedError):
                     await asyncio.open_connection(LOOPBACK, port)
                 assert await received_within(busy_reader, 0.3) is None  # the in-flight one is left alone

@@ -3,7 +3,6 @@ on use when the parameters change."""
 
 from __future__ import annotations
 
-import asyncio
 import re
 import zlib
 
@@ -26,6 +25,7 @@ from sidecar.keys.format import (
 from sidecar.settings import Argon2Settings
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter, bearer, client_session
+from tests.support.polling import eventually
 
 KEY_SHAPE = re.compile(r"^tak_[0-9A-Za-z]{46}$")
 CHEAP = Argon2Settings(time_cost=1, memory_cost_kib=1024, parallelism=1)
@@ -180,15 +180,13 @@ async def test_successful_auth_rehashes_a_key_hashed_with_old_parameters(
     upgraded = await start_sidecar(stronger)
     async with client_session() as http, http.get(upgraded.proxy_url + "/x", headers=bearer(key)) as resp:
         assert resp.status == 200
-    stored_hash = old_hash
-    for _ in range(100):  # the re-hash runs in the background; poll up to 5 s
+
+    async def rehashed() -> str:  # the re-hash runs in the background; "" until it did
         stored = await upgraded.services.store.get_key(record.id)
         assert stored is not None
-        stored_hash = stored.key_hash
-        if stored_hash != old_hash:
-            break
-        await asyncio.sleep(0.05)
-    assert stored_hash != old_hash
+        return stored.key_hash if stored.key_hash != old_hash else ""
+
+    stored_hash = await eventually(rehashed)
     assert "m=2048,t=2" in stored_hash
     assert KeyHasher(stronger.argon2).verify(stored_hash, key)
     assert not KeyHasher(stronger.argon2).needs_rehash(stored_hash)

@@ -6,6 +6,8 @@ import asyncio
 import json
 
 from tests.support.harness import RunningSidecar, bearer, client_session
+from tests.support.metrics import sample
+from tests.support.polling import eventually
 from tests.support.upstreams import RecordingUpstream
 
 
@@ -21,7 +23,9 @@ async def test_a_key_disabled_while_its_request_body_arrives_is_not_forwarded(
         writer.write(f"POST /sse-forever HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
                      f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
         await writer.drain()
-        await asyncio.sleep(0.2)  # the head is authenticated; the handler waits for the body
+        # The head is authenticated (a cache hit: the key was verified above); the handler waits
+        # for the body.
+        await eventually(lambda: sample(sidecar.services.registry, "toolio_sidecar_cache_hits_total") >= 1)
         await sidecar.disable(record.id)
         writer.write(body[5:])
         await writer.drain()
@@ -58,13 +62,12 @@ async def test_failed_attempts_reach_the_audit_log_within_seconds_aggregated(
             async with http.post(sidecar.proxy_url + "/mcp", headers=bearer(wrong)) as resp:
                 assert resp.status == 401
     store = sidecar.services.store
-    events: list[dict[str, object]] = []
-    for _ in range(100):  # the housekeeping tick writes them within ~5 s
-        events = [e.as_json() for e in await store.list_audit(sidecar.settings.workspace, 50, None)
-                  if e.action == "auth.failed"]
-        if events:
-            break
-        await asyncio.sleep(0.1)
+
+    async def failures() -> list[dict[str, object]]:  # the housekeeping tick writes them within ~5 s
+        return [e.as_json() for e in await store.list_audit(sidecar.settings.workspace, 50, None)
+                if e.action == "auth.failed"]
+
+    events = await eventually(failures)
     assert len(events) == 1, events
     details = events[0]["details"]
     assert isinstance(details, dict)

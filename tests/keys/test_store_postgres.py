@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 import traceback
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, asynccontextmanager
@@ -24,8 +23,7 @@ import pytest
 from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, StoreError
 from sidecar.keys.store.postgres import MIGRATIONS, KeyChangeFeed, PostgresKeyStore, redact_url
-
-pytest_plugins = ["tests.support.postgres"]
+from tests.support.polling import eventually
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 PASSWORD = "Sw0rdf1sh-not-for-logs"
@@ -108,14 +106,6 @@ def refuse_connections(pg_server: str, pg_database: str) -> RefuseConnections:
             await admin.close()
 
     return refusing
-
-
-async def _eventually(check: Callable[[], bool], seconds: float = 3.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not check():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        await asyncio.sleep(0.01)
 
 
 # -- schema and migrations -------------------------------------------------------------------------
@@ -381,14 +371,14 @@ async def test_listener_hears_a_change_when_it_commits_and_not_before(
     assert feed.is_current(5.0)
     other = await replica()
     created = await other.insert_key(_record(1), [_audit("key.created", _record(1))])
-    await _eventually(lambda: created.revision in heard)
+    await eventually(lambda: created.revision in heard)
     # A change is not announced while its transaction is open, and is once it commits.
     async with raw.transaction():
         revision = await raw.fetchval("UPDATE counters SET value = value + 1 WHERE name = 'revision' "
                                       "RETURNING value")
         await asyncio.sleep(0.3)
         assert revision not in heard
-    await _eventually(lambda: revision in heard)
+    await eventually(lambda: revision in heard)
     await feed.close()
     assert not feed.connected
 
@@ -407,12 +397,12 @@ async def test_listener_reconnects_and_resynchronises_after_its_connection_is_cu
         other = await replica()
         assert await raw.fetchval("SELECT pg_terminate_backend($1)", pid)
         created = await other.insert_key(_record(1), [])  # perhaps while the feed is away
-        await _eventually(lambda: feed.reconnects >= 1 and feed.connected and created.revision in heard)
+        await eventually(lambda: feed.reconnects >= 1 and feed.connected and created.revision in heard)
         assert feed.backend_pid not in (None, pid)
         assert feed.is_current(5.0)
         changed = await other.set_status(created.id, DISABLED, T0, _audit("key.disabled", created))
         assert changed is not None
-        await _eventually(lambda: changed.revision in heard)
+        await eventually(lambda: changed.revision in heard)
     finally:
         await store.close()
     assert "lost" in caplog.text
@@ -429,11 +419,11 @@ async def test_listener_is_stale_while_it_cannot_reconnect_and_recovers(
     other = await replica()
     async with refuse_connections():
         await raw.fetchval("SELECT pg_terminate_backend($1)", feed.backend_pid)
-        await _eventually(lambda: not feed.connected)
+        await eventually(lambda: not feed.connected)
         await asyncio.sleep(0.5)
         assert not feed.is_current(0.3)
         created = await other.insert_key(_record(1), [])  # a pooled connection is still open
-    await _eventually(lambda: feed.is_current(1.0) and created.revision in heard)
+    await eventually(lambda: feed.is_current(1.0) and created.revision in heard)
 
 
 # -- MCP session bindings --------------------------------------------------------------------------

@@ -4,10 +4,8 @@ DELETE) with ``mode="legacy"`` and 2026-07-28 stateless requests with the defaul
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
 
 import pytest
 from mcp import MCPError
@@ -15,6 +13,7 @@ from mcp import MCPError
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.mcp import WireLog, call_tool_timed, http_client, mcp_client, mcp_url, tool_result_text
+from tests.support.polling import eventually
 
 MODES = ["legacy", "auto"]
 ERAS = {"legacy": "2025-11-25", "auto": "2026-07-28"}
@@ -134,13 +133,6 @@ async def test_legacy_session_cannot_be_used_with_another_key(mcp_sidecar: Runni
         assert (await client.call_tool("add", {"a": 2, "b": 2})).structured_content == {"result": 4}
 
 
-async def _poll(condition: Callable[[], bool], seconds: float = 5.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        await asyncio.sleep(0.02)
-
-
 def _leaves(exc: BaseException) -> list[BaseException]:
     if isinstance(exc, BaseExceptionGroup):
         return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
@@ -166,9 +158,11 @@ async def test_disabling_a_key_mid_session_refuses_its_next_call_and_enabling_re
         async with mcp_client(mcp_url(mcp_sidecar.proxy_url), token=key, mode="legacy", wire_log=wire) as client:
             assert (await client.call_tool("add", {"a": 1, "b": 1})).structured_content == {"result": 2}
             streams = mcp_sidecar.services.streams
-            await _poll(lambda: len(streams) == 1)  # the session's standalone GET stream is open
+            await eventually(lambda: len(streams) == 1)  # the session's standalone GET stream is open
             await mcp_sidecar.disable(record.id)
-            await _poll(lambda: len(streams) == 0, seconds=1.0)  # ...and is cut within 1 s
+            started = time.monotonic()
+            await eventually(lambda: len(streams) == 0)
+            assert time.monotonic() - started < 1.0  # ...and is cut within 1 s
             await client.call_tool("add", {"a": 1, "b": 2})
     assert any(isinstance(leaf, MCPError) for leaf in _leaves(caught.value))
     assert 401 in {r.status for r in wire.responses()}

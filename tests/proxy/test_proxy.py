@@ -247,8 +247,9 @@ async def test_client_disconnect_cancels_the_upstream_request_promptly(
     writer.close()
     await writer.wait_closed()
     started = time.monotonic()
-    await asyncio.wait_for(echo.hang_cancelled.wait(), 1.0)
-    assert time.monotonic() - started < 1.0
+    # Promptly: not at the upstream timeout (30 s by default).
+    await asyncio.wait_for(echo.hang_cancelled.wait(), 5.0)
+    assert time.monotonic() - started < 5.0
     assert not await reader.read()
 
 

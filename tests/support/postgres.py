@@ -8,7 +8,7 @@ unprivileged user when the tests run as root (initdb refuses root), and removed 
 ``TOOLIO_TEST_PG_PORT`` changes the port probed first; point it at a closed port to force the
 throw-away cluster.
 
-Fixtures (a test module loads them with ``pytest_plugins = ["tests.support.postgres"]``):
+Fixtures (registered for every test by ``tests/conftest.py``):
 
 * ``pg_server`` (session): the admin URL of the server in use;
 * ``pg_database`` (session): the URL of a database made for this test run, dropped at its end;
