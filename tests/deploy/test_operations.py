@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import signal
 import sqlite3
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.support.config import ConfigFactory, deep_merge
-from tests.support.harness import bearer, client_session, running_sidecar
-from tests.support.metrics import scrape
+from tests.support.config import REPOSITORY, ConfigFactory, deep_merge
+from tests.support.harness import bearer, client_session, event_stream, running_sidecar
+from tests.support.metrics import Scrape, scrape
 from tests.support.polling import eventually
 from tests.support.processes import Deployment, serving
 from tests.support.upstreams import RecordingUpstream
@@ -65,6 +67,94 @@ async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(
     assert "toolio_sidecar_build_info" in metrics.sample_labels
 
 
+@dataclass(frozen=True)
+class DocumentedMetric:
+    """One name from the README's metrics table, its type and the label values it lists."""
+
+    name: str
+    type: str
+    labels: dict[str, list[str]]
+
+    @property
+    def family(self) -> str:
+        """The family name the text format's parser reports (``_total`` is a counter sample's suffix)."""
+        return self.name.removesuffix("_total") if self.type == "counter" else self.name
+
+    @property
+    def exposition_type(self) -> str:
+        # The Prometheus text format has no info type: an info metric is a gauge named *_info.
+        return "gauge" if self.type == "info" else self.type
+
+
+def _label_values(text: str) -> list[str]:
+    """``GET, POST, ..., OTHER`` or ``1xx..5xx`` -> the listed values (an ellipsis lists none)."""
+    values: list[str] = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item or item in ("...", "\u2026"):
+            continue
+        span = re.fullmatch(r"(\d)xx\.\.(\d)xx", item)
+        values += [f"{n}xx" for n in range(int(span[1]), int(span[2]) + 1)] if span else [item]
+    return values
+
+
+def documented_metrics(readme: str) -> list[DocumentedMetric]:
+    """Every row of the README's metrics table (``### Metrics``): metric | type | labels | meaning."""
+    section = readme.split("### Metrics", 1)
+    assert len(section) == 2, "README.md has no '### Metrics' section"
+    lines = section[1].splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    rows = []
+    for line in lines[start + 2:]:  # past the header and its |---| line
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+    documented = []
+    for names, kind, labels, *_ in rows:
+        listed = re.findall(r"`([^`]+)`", names)
+        assert listed, names
+        labelled = {m[1]: _label_values(m[2] or m[3] or "") for m in re.finditer(
+            r"`(\w+)`(?:\s*:\s*([^`]*)|\s*\(([^)]*)\))?", labels)}
+        for name in listed:
+            # "`toolio_sidecar_cache_hits_total` / `_cache_misses_total`": a suffix of the prefix.
+            full = "toolio_sidecar" + name if name.startswith("_") else name
+            documented.append(DocumentedMetric(full, kind.strip().lower(), labelled))
+    return documented
+
+
+def undocumented_gaps(metrics: Scrape, documented: list[DocumentedMetric]) -> list[str]:
+    """What the table lists that the scrape lacks: a family, its type, a label or a label value."""
+    gaps = []
+    for metric in documented:
+        exported = metrics.families.get(metric.family)
+        if exported is None:
+            gaps.append(f"{metric.name}: not exported")
+            continue
+        if exported != metric.exposition_type:
+            gaps.append(f"{metric.name}: exported as a {exported}, documented as a {metric.type}")
+        for label, values in metric.labels.items():
+            present = metrics.label_values(metric.family, label)
+            if not present:
+                gaps.append(f"{metric.name}: no sample has the label {label!r}")
+            gaps += [f"{metric.name}: no sample with {label}={value!r}" for value in values if value not in present]
+    return gaps
+
+
+async def test_every_metric_and_label_value_in_the_readme_table_is_exported(
+        config: ConfigFactory, echo: RecordingUpstream) -> None:
+    documented = documented_metrics((REPOSITORY / "README.md").read_text())
+    assert len(documented) >= 15, documented  # the table was found and read
+    async with running_sidecar(config.settings({"proxy": {"upstream": echo.url}})) as sidecar:
+        _, key = await sidecar.create_key()
+        async with client_session() as http:
+            for headers in ({}, bearer(key), bearer(key), bearer(key[:-1] + "x")):
+                async with http.post(sidecar.proxy_url + "/mcp", data=b"{}", headers=headers) as resp:
+                    await resp.read()
+        async with event_stream(sidecar.proxy_url + "/sse?events=2&interval=0.01", key) as stream:
+            await stream.ended()
+        metrics = await scrape(sidecar.admin_url)
+    assert undocumented_gaps(metrics, documented) == []
+
+
 async def test_sigterm_during_an_sse_stream_drains_it_and_exits_zero(
         tmp_path: Path, echo: RecordingUpstream) -> None:
     deployment = Deployment(tmp_path, echo.url, OPERATIONS)
@@ -102,3 +192,28 @@ async def test_sigterm_during_an_sse_stream_drains_it_and_exits_zero(
     assert last_used is not None, "the last-used batch was not flushed on shutdown"
     assert failed and json.loads(failed[0][0])["count"] == 1, "aggregated auth failures were not flushed"
 
+
+async def test_sigterm_cuts_a_stream_that_outlives_the_grace_period_flushes_last_used_and_exits_zero(
+        tmp_path: Path, echo: RecordingUpstream) -> None:
+    grace = 2.0  # longer than the pre-stop delay, so a cut right after that delay shows
+    pre_stop = min(1.0, grace)  # runtime.server.drain: readiness 503 first, then the listeners close
+    deployment = Deployment(tmp_path, echo.url, {"shutdown_grace_seconds": grace,
+                                                 # Only the shutdown flush can write last-used here.
+                                                 "auth": {"last_used_flush_seconds": 60}})
+    created = await deployment.create_key("agent", "viewer")
+    async with serving(deployment) as proc:
+        async with event_stream(deployment.proxy_url + "/sse-forever", created["key"]) as stream:
+            signalled = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            ended = await stream.ended(within=15)
+        code = await asyncio.wait_for(proc.wait(), timeout=15)
+    # Cut at the limit: not while the grace period runs, and not long after it.
+    assert grace <= ended - signalled < pre_stop + grace + 3.0, ended - signalled
+    assert code == 0, deployment.log_path.read_text()
+    await asyncio.wait_for(echo.sse_closed.wait(), 5)  # its upstream side went too
+    db = sqlite3.connect(deployment.database)
+    try:
+        [(last_used,)] = db.execute("SELECT last_used_at FROM keys WHERE id = ?", (created["id"],)).fetchall()
+    finally:
+        db.close()
+    assert last_used is not None, "the last-used batch was not flushed on shutdown"

@@ -13,6 +13,9 @@ The other entry points are thin and share it:
   synchronous clients (hypothesis, ``requests``);
 * ``tests.support.admin.admin_sidecar``: plus an admin key and an HTTP client for the admin API;
 * a real ``toolio-sidecar serve`` process is ``tests.support.processes.serving``.
+
+:func:`event_stream` holds a server-sent event stream open through a sidecar (either kind) and
+tells when the sidecar ended it.
 """
 
 from __future__ import annotations
@@ -22,9 +25,11 @@ import contextlib
 import io
 import json
 import threading
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import aiohttp
@@ -163,3 +168,53 @@ def client_session() -> aiohttp.ClientSession:
     """A client for talking to the sidecar: no env proxies, no cookie jar, no pooling surprises."""
     return aiohttp.ClientSession(trust_env=False, cookie_jar=aiohttp.DummyCookieJar(),
                                  timeout=aiohttp.ClientTimeout(total=30))
+
+
+@dataclass
+class EventStream:
+    """An open event stream, read in the background until it ends."""
+
+    response: aiohttp.ClientResponse
+    events: int = 0
+    ended_at: float | None = None  # time.monotonic()
+    ended_wall: datetime | None = None  # the same moment on the wall clock (to compare with store times)
+    _done: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def _read(self) -> None:
+        try:
+            while chunk := await self.response.content.readany():
+                self.events += chunk.count(b"\n\n")
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError):
+            pass  # the sidecar closed the connection mid-stream: what a cut looks like
+        self.ended_at, self.ended_wall = time.monotonic(), datetime.now(UTC)
+        self._done.set()
+
+    @property
+    def open(self) -> bool:
+        return not self._done.is_set()
+
+    async def ended(self, within: float = 10.0) -> float:
+        """Wait until the stream ends; its monotonic end time. Fails after ``within`` seconds."""
+        try:
+            await asyncio.wait_for(self._done.wait(), within)
+        except TimeoutError:
+            raise AssertionError(f"the stream was still open after {within} s ({self.events} events)") from None
+        assert self.ended_at is not None
+        return self.ended_at
+
+
+@asynccontextmanager
+async def event_stream(url: str, key: str) -> AsyncIterator[EventStream]:
+    """GET ``url`` with ``key``; once the first event arrived, yield the stream being read."""
+    async with (client_session() as http,
+                http.get(url, headers={**bearer(key), "Accept": "text/event-stream"}) as resp):
+        assert resp.status == 200, resp.status
+        assert resp.content_type == "text/event-stream"
+        await asyncio.wait_for(resp.content.readuntil(b"\n\n"), 10)
+        stream = EventStream(resp, events=1)
+        reader = asyncio.create_task(stream._read())
+        try:
+            yield stream
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
