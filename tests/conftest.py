@@ -12,16 +12,39 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.support.config import ConfigFactory
+from tests.support.config import STORE, ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
+from tests.support.postgres import fresh_schema
 from tests.support.upstreams import RecordingUpstream, example_upstream, run_echo_upstream
 
 pytest_plugins = ["tests.support.postgres"]
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def both_stores(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
+    """Run the test once on each store: every sidecar it configures uses SQLite in its data dir,
+    then a fresh PostgreSQL schema (the same suite on both backends, docs/operations.md)."""
+    if request.param == "sqlite":
+        yield request.param
+        return
+    with fresh_schema(pg_database) as url:
+        STORE["url"] = url
+        try:
+            yield request.param
+        finally:
+            STORE["url"] = ""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A test about the SQLite file itself (WAL, file modes, another connection's lock) runs once,
+    # on SQLite: it is not run on PostgreSQL rather than reported as skipped there.
+    items[:] = [item for item in items
+                if not (item.get_closest_marker("sqlite_only") and "[postgresql" in item.nodeid)]
 
 
 @pytest.fixture

@@ -72,7 +72,10 @@ class LastUsed:
 
 
 # Something shaped like a key (tak_ + 46 base62), so "?q=tak_docs" is not mistaken for one.
-_KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{46}")
+# 40 body characters already hold the lookup id and most of the secret (the checksum and the last
+# characters can be guessed offline), so a truncated key counts too; any case, since a component
+# on the way may fold it.
+_KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{40,}", re.IGNORECASE)
 
 
 # More rounds of percent-decoding than any client applies by accident; a target decoded this many
@@ -86,7 +89,8 @@ def _credential_in_query(query: str) -> bool:
     by another is the same key, so every depth is treated alike (and never forwarded)."""
     for _ in range(_MAX_DECODINGS):
         folded = query.replace("+", " ")
-        if "access_token" in folded or ("tak_" in folded and _KEY_IN_QUERY.search(folded)):
+        lowered = folded.lower()
+        if "access_token" in lowered or ("tak_" in lowered and _KEY_IN_QUERY.search(folded)):
             return True
         if "%" not in query:
             return False

@@ -44,6 +44,11 @@ class KeyCache:
             TTLCache(negative_size, negative_ttl, timer=time.monotonic) if negative_ttl > 0 else None
         )
         self.epoch = 0
+        # key id -> the newest store revision an invalidation named (None: unknown, so any fill
+        # that began before it is refused). A verification that read a record at least this new
+        # may still fill the cache after an invalidation: it saw the change.
+        self._invalidated: dict[str, float] = {}
+        self._cleared_epoch = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -55,16 +60,31 @@ class KeyCache:
         return entry.principal
 
     def put(self, digest: bytes, principal: Principal, fill_epoch: int) -> bool:
-        """Store a verified key unless an invalidation happened since ``fill_epoch``."""
-        if fill_epoch != self.epoch:
+        """Store a verified key unless, since ``fill_epoch``, an invalidation of this key named a
+        newer record than the one verified (or the whole cache was cleared)."""
+        if fill_epoch != self.epoch and (
+                fill_epoch < self._cleared_epoch
+                or self._invalidated.get(principal.key_id, -1) > principal.revision):
             return False
         self._entries[principal.lookup_id] = CacheEntry(digest, principal)
         self._by_key_id[principal.key_id] = principal.lookup_id
         return True
 
-    def invalidate(self, key_id: str) -> None:
-        """Forget a key now; also drops every negative result (the key may be enabled again)."""
+    def revision_of(self, key_id: str) -> int | None:
+        """The store revision of the cached record of ``key_id``, if it is cached."""
+        lookup_id = self._by_key_id.get(key_id)
+        entry = self._entries.get(lookup_id) if lookup_id is not None else None
+        return entry.principal.revision if entry is not None else None
+
+    def invalidate(self, key_id: str, revision: int | None = None) -> None:
+        """Forget a key now; also drops every negative result (the key may be enabled again).
+        ``revision``: the store revision of the change, when known."""
         self.epoch += 1
+        if len(self._invalidated) > 100_000:  # bounded: forgetting them is the cautious side
+            self._invalidated.clear()
+            self._cleared_epoch = self.epoch
+        self._invalidated[key_id] = max(self._invalidated.get(key_id, -1),
+                                        float("inf") if revision is None else revision)
         lookup_id = self._by_key_id.pop(key_id, None)
         if lookup_id is not None:
             self._entries.pop(lookup_id, None)
@@ -73,6 +93,7 @@ class KeyCache:
 
     def clear(self) -> None:
         self.epoch += 1
+        self._cleared_epoch = self.epoch
         self._entries.clear()
         self._by_key_id.clear()
         if self._negative is not None:

@@ -30,9 +30,11 @@ class SessionBindings:
             owner = await self._store.session_owner(session_id)
             if owner is not None:
                 self._owners[session_id] = owner
-        if owner is not None:
-            self._seen[session_id] = time.time()
         return owner
+
+    def seen(self, session_id: str) -> None:
+        """Its owner used it: it stays bound (only the owner's use keeps a binding alive)."""
+        self._seen[session_id] = time.time()
 
     async def bind(self, session_id: str, key_id: str) -> str:
         """Bind (unless bound already) and return the owner."""

@@ -57,6 +57,10 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _visible_ascii(text: str) -> bool:
+    return text.isascii() and text.isprintable() and " " not in text
+
+
 def _malformed_body() -> ProxyError:
     # After these refusals the connection's remaining bytes are not read: a body we cannot
     # frame, or one we will not take (RFC 9110 15.5.14: on 413 the server MAY close the connection).
@@ -174,6 +178,10 @@ class ProxyHandler:
             # spelling the upstream might read as another key's session can reach it; 404 is what
             # the MCP transport (Streamable HTTP, session management) answers for an unknown
             # session, and tells the client to start a new one.
+            # MCP session ids are visible ASCII (Streamable HTTP, session management): anything
+            # else was never issued, and is not worth a store read.
+            if not _visible_ascii(session_id):
+                raise ProxyError(404, "session_not_found", "Unknown MCP session; start a new one")
             try:
                 owner = await self._bindings.owner(session_id)
             except Exception:
@@ -182,6 +190,7 @@ class ProxyHandler:
                 raise ProxyError(404, "session_not_found", "Unknown MCP session; start a new one")
             if owner != principal.key_id:
                 raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
+            self._bindings.seen(session_id)
         pool = self._pool
         # htu is the target the upstream receives: the upstream's base path + the client's target.
         target = pool.base_path + request.raw_path
@@ -256,7 +265,7 @@ class ProxyHandler:
             new_session = up.header(SESSION_HEADER)
             if new_session is not None:
                 new_session = new_session.strip(" \t")
-            if new_session and new_session != session_id:
+            if new_session and new_session != session_id and _visible_ascii(new_session):
                 # Bound durably before the client learns the id, so a next request through any
                 # replica finds the binding. An id already bound to another key is not handed
                 # out to this one.

@@ -68,7 +68,12 @@ class KeyEvents:
 
     def key_changed(self, record: KeyRecord) -> None:
         """A key changed: forget it now, and cut its open requests if it can no longer be used."""
-        self._cache.invalidate(record.id)
+        cached = self._cache.revision_of(record.id)
+        if cached is not None and cached >= record.revision and record.status != DISABLED:
+            # Already verified from this very record (this process's own change, coming back
+            # through the feed after the key was used): nothing to forget.
+            return
+        self._cache.invalidate(record.id, record.revision)
         self._metrics.cache_size.set(len(self._cache))
         if record.status == DISABLED:
             self._streams.cut(record.id)

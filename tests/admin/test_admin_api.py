@@ -31,7 +31,8 @@ from tests.support.admin import (
     session_cookie,
 )
 
-pytestmark = pytest.mark.asyncio
+# The same tests on both stores (SQLite, PostgreSQL): docs/operations.md, Several replicas.
+pytestmark = [pytest.mark.asyncio, pytest.mark.usefixtures("both_stores")]
 
 KEY_SHAPE = re.compile(r"tak_[0-9A-Za-z]{46}")
 
@@ -467,6 +468,7 @@ async def test_audit_paging_and_parameter_validation(tmp_path: Path) -> None:
             assert (status, body["error"], body["field"]) == (400, "invalid_parameter", field), query
 
 
+@pytest.mark.sqlite_only  # reads or locks the SQLite file itself
 async def test_no_full_key_in_any_response_audit_row_log_line_or_database_byte(tmp_path: Path) -> None:
     async with admin_sidecar(tmp_path, upstream=True) as sc:
         agent = await sc.create_key("agent", ["viewer"])

@@ -255,6 +255,9 @@ _ENCODINGS: list[Callable[[str], str]] = [
     lambda k: k.replace("_", "%25255F"),
     lambda k: "".join(f"%{ord(c):02X}" for c in k),
     lambda k: "".join(f"%25{ord(c):02X}" for c in k),
+    lambda k: k[:-1],                      # the checksum's last digit left off: still the secret
+    lambda k: k[:44],                      # lookup id and the whole secret
+    lambda k: "TAK_" + k[4:],              # folded by a component on the way
 ]
 
 
@@ -289,3 +292,34 @@ async def test_htu_is_the_path_the_upstream_receives_behind_a_base_path(
     claims = jwt.decode(assertion, options={"verify_signature": False})
     assert claims["htu"] == "/base/prefix/mcp?x=1"
     assert claims["htm"] == "POST"
+
+
+async def test_a_session_id_that_is_not_visible_ascii_is_unknown_not_a_store_fault(
+        tmp_path: Path, upstream: RecordingUpstream) -> None:
+    async with running_sidecar(hardening_settings(tmp_path, upstream.url)) as sidecar:
+        _, alice = await sidecar.create_key("alice")
+        for raw_id in (b"abc\xe9", b"\xa0abc", b"a\x7fb"):
+            head = (b"POST /mcp HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer " + alice.encode()
+                    + b"\r\nMcp-Session-Id: " + raw_id + b"\r\nContent-Length: 2\r\n\r\n{}")
+            [response] = parse_responses(await exchange(sidecar.proxy_port, head))
+            assert response.status in (400, 404), raw_id  # llhttp refuses some bytes outright
+            assert response.status != 503
+        assert upstream.completed == []
+
+
+async def test_a_refused_presenter_does_not_keep_anothers_binding_alive(
+        tmp_path: Path, upstream: RecordingUpstream) -> None:
+    settings = hardening_settings(tmp_path, upstream.url, proxy={"session_binding_ttl_seconds": 1},
+                                  auth={"last_used_flush_seconds": 0.1})
+    async with running_sidecar(settings) as sidecar:
+        _, alice = await sidecar.create_key("alice")
+        _, mallory = await sidecar.create_key("mallory")
+        _, session, _ = await _call(sidecar, alice)
+        for _ in range(8):  # 2.4 s of refused use by Mallory: the binding lapses anyway
+            assert (await _call(sidecar, mallory, session))[0] in (403, 404)
+            await asyncio.sleep(0.3)
+        await eventually(lambda: _status_of(sidecar, mallory, session, 404), within=5)
+
+
+async def _status_of(sidecar: RunningSidecar, key: str, session: str, want: int) -> bool:
+    return (await _call(sidecar, key, session))[0] == want

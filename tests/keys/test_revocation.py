@@ -13,6 +13,8 @@ from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
+
 from sidecar.keys.records import AuditRecord, from_rfc3339, to_rfc3339
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, bearer, client_session, event_stream
@@ -20,6 +22,9 @@ from tests.support.metrics import sample, scrape
 from tests.support.polling import eventually, never
 from tests.support.processes import run_cli, start_cli
 from tests.support.upstreams import RecordingUpstream
+
+# The same tests on both stores (SQLite, PostgreSQL): docs/operations.md, Several replicas.
+pytestmark = pytest.mark.usefixtures("both_stores")
 
 
 async def _status(sidecar: RunningSidecar, key: str) -> int:
@@ -166,6 +171,7 @@ async def test_a_rotation_disables_the_old_key_at_disable_old_at_through_houseke
     assert disabled.key_name == "v1"
 
 
+@pytest.mark.sqlite_only  # reads or locks the SQLite file itself
 async def test_a_cli_disable_waiting_on_a_locked_store_is_applied_once_the_lock_is_released(
         config: ConfigFactory, sidecar: RunningSidecar, echo: RecordingUpstream) -> None:
     path = config.write({"proxy": {"upstream": echo.url}})
@@ -186,6 +192,7 @@ async def test_a_cli_disable_waiting_on_a_locked_store_is_applied_once_the_lock_
     assert disabled.actor == "cli"
 
 
+@pytest.mark.sqlite_only  # reads or locks the SQLite file itself
 async def test_audit_rows_a_locked_store_refuses_are_counted_in_audit_write_failures(
         config: ConfigFactory, sidecar: RunningSidecar) -> None:
     _, key = await sidecar.create_key()

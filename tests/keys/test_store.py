@@ -1,11 +1,13 @@
-"""The SQLite key store (SPEC 9): schema migrations, WAL, keys, status changes with their audit
-row in one transaction, append-only audit, cross-process change detection. Real files."""
+"""The key stores (docs/operations.md, Storage): keys, status changes with their audit row in one
+transaction, append-only audit, change detection. The behaviour tests run on both backends (a
+real SQLite file, a real PostgreSQL schema); those about the SQLite file itself (schema version,
+WAL, file modes, another connection) run on SQLite only."""
 
 from __future__ import annotations
 
 import sqlite3
 import stat
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,8 +15,10 @@ from pathlib import Path
 import pytest
 
 from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, from_rfc3339, to_rfc3339
-from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, StoreError
+from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
+from sidecar.keys.store.postgres import PostgresKeyStore
 from sidecar.keys.store.sqlite import MIGRATIONS, SQLiteKeyStore
+from tests.support.postgres import fresh_schema
 
 T0 = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 
@@ -38,9 +42,19 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "data" / "sidecar.db"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def backend_url(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
+    """"" for SQLite, else the URL of a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    with fresh_schema(pg_database) as url:
+        yield url
+
+
 @pytest.fixture
-async def store(db_path: Path) -> AsyncIterator[SQLiteKeyStore]:
-    s = SQLiteKeyStore(db_path)
+async def store(backend_url: str, db_path: Path) -> AsyncIterator[KeyStore]:
+    s: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(db_path)
     await s.open()
     try:
         yield s
@@ -53,7 +67,8 @@ def _sql(path: Path, query: str) -> list[tuple[object, ...]]:
         return list(con.execute(query).fetchall())
 
 
-async def test_open_creates_the_schema_in_wal_mode_with_a_private_file(store: SQLiteKeyStore, db_path: Path) -> None:
+@pytest.mark.sqlite_only
+async def test_open_creates_the_schema_in_wal_mode_with_a_private_file(store: KeyStore, db_path: Path) -> None:
     assert _sql(db_path, "PRAGMA user_version") == [(len(MIGRATIONS),)]
     assert _sql(db_path, "PRAGMA journal_mode") == [("wal",)]
     tables = {row[0] for row in _sql(db_path, "SELECT name FROM sqlite_master WHERE type = 'table'")}
@@ -61,11 +76,13 @@ async def test_open_creates_the_schema_in_wal_mode_with_a_private_file(store: SQ
     await store.ping()
 
 
-def test_database_file_is_private(db_path: Path, store: SQLiteKeyStore) -> None:
+@pytest.mark.sqlite_only
+def test_database_file_is_private(db_path: Path, store: KeyStore) -> None:
     assert stat.S_IMODE(db_path.stat().st_mode) == 0o600
 
 
-async def test_reopening_keeps_data_and_does_not_migrate_again(store: SQLiteKeyStore, db_path: Path) -> None:
+@pytest.mark.sqlite_only
+async def test_reopening_keeps_data_and_does_not_migrate_again(store: KeyStore, db_path: Path) -> None:
     await store.insert_key(_record(1), [_audit("key.created", _record(1))])
     await store.close()
     again = SQLiteKeyStore(db_path)
@@ -91,7 +108,7 @@ async def test_store_refuses_work_when_not_open(db_path: Path) -> None:
         await SQLiteKeyStore(db_path).get_key("key_x")
 
 
-async def test_inserted_key_reads_back_by_id_and_lookup_id(store: SQLiteKeyStore) -> None:
+async def test_inserted_key_reads_back_by_id_and_lookup_id(store: KeyStore) -> None:
     record = replace(_record(1), roles=("viewer", "writer"), expires_at=T0 + timedelta(days=1))
     stored = await store.insert_key(record, [_audit("key.created", record)])
     assert stored.revision > 0
@@ -106,7 +123,7 @@ async def test_inserted_key_reads_back_by_id_and_lookup_id(store: SQLiteKeyStore
     assert await store.get_by_lookup_id("NOPE0000") is None
 
 
-async def test_names_are_unique_per_workspace_only(store: SQLiteKeyStore) -> None:
+async def test_names_are_unique_per_workspace_only(store: KeyStore) -> None:
     await store.insert_key(_record(1, name="ci"), [])
     with pytest.raises(DuplicateName):
         await store.insert_key(_record(2, name="ci"), [])
@@ -115,7 +132,7 @@ async def test_names_are_unique_per_workspace_only(store: SQLiteKeyStore) -> Non
     assert [k.workspace for k in await store.list_keys("globex")] == ["globex"]
 
 
-async def test_duplicate_lookup_id_is_its_own_error_and_writes_nothing(store: SQLiteKeyStore) -> None:
+async def test_duplicate_lookup_id_is_its_own_error_and_writes_nothing(store: KeyStore) -> None:
     await store.insert_key(_record(1, lookup="SAMELOOK"), [])
     with pytest.raises(DuplicateLookupId):
         await store.insert_key(_record(2, lookup="SAMELOOK"), [_audit("key.created", _record(2))])
@@ -123,13 +140,13 @@ async def test_duplicate_lookup_id_is_its_own_error_and_writes_nothing(store: SQ
     assert await store.list_audit("acme", 10, None) == []
 
 
-async def test_list_keys_is_in_creation_order(store: SQLiteKeyStore) -> None:
+async def test_list_keys_is_in_creation_order(store: KeyStore) -> None:
     for n in (3, 1, 2):
         await store.insert_key(_record(n), [])
     assert [k.id for k in await store.list_keys("acme")] == [_record(n).id for n in (1, 2, 3)]
 
 
-async def test_disable_and_enable_change_status_times_and_write_the_audit_row(store: SQLiteKeyStore) -> None:
+async def test_disable_and_enable_change_status_times_and_write_the_audit_row(store: KeyStore) -> None:
     record = await store.insert_key(_record(1), [])
     disabled = await store.set_status(record.id, DISABLED, T0, _audit("key.disabled", record))
     assert disabled is not None
@@ -148,12 +165,13 @@ async def test_disable_and_enable_change_status_times_and_write_the_audit_row(st
     assert actions == ["key.enabled", "key.disabled", "key.disabled"]
 
 
-async def test_status_change_of_unknown_key_returns_none_and_writes_no_audit(store: SQLiteKeyStore) -> None:
+async def test_status_change_of_unknown_key_returns_none_and_writes_no_audit(store: KeyStore) -> None:
     assert await store.set_status("key_missing", DISABLED, T0, _audit("key.disabled")) is None
     assert await store.list_audit("acme", 10, None) == []
 
 
-async def test_audit_is_append_only(store: SQLiteKeyStore, db_path: Path) -> None:
+@pytest.mark.sqlite_only
+async def test_audit_is_append_only(store: KeyStore, db_path: Path) -> None:
     await store.append_audit([_audit("admin.login")])
     with sqlite3.connect(db_path) as con, pytest.raises(sqlite3.DatabaseError, match="append-only"):
         con.execute("UPDATE audit_events SET actor = 'mallory'")
@@ -162,7 +180,7 @@ async def test_audit_is_append_only(store: SQLiteKeyStore, db_path: Path) -> Non
     assert len(await store.list_audit("acme", 10, None)) == 1
 
 
-async def test_audit_lists_newest_first_per_workspace_with_paging(store: SQLiteKeyStore) -> None:
+async def test_audit_lists_newest_first_per_workspace_with_paging(store: KeyStore) -> None:
     await store.append_audit([_audit(f"e{n}", when=T0 + timedelta(seconds=n)) for n in range(5)])
     await store.append_audit([replace(_audit("other"), workspace="globex")])
     page = await store.list_audit("acme", 2, None)
@@ -175,7 +193,7 @@ async def test_audit_lists_newest_first_per_workspace_with_paging(store: SQLiteK
     assert page[0].as_json()["time"] == "2030-01-02T03:04:09.678Z"
 
 
-async def test_last_used_keeps_the_newest_time(store: SQLiteKeyStore) -> None:
+async def test_last_used_keeps_the_newest_time(store: KeyStore) -> None:
     record = await store.insert_key(_record(1), [])
     await store.touch_last_used({record.id: T0 + timedelta(minutes=5)})
     await store.touch_last_used({record.id: T0})  # an older batch (another replica) loses
@@ -184,7 +202,7 @@ async def test_last_used_keeps_the_newest_time(store: SQLiteKeyStore) -> None:
     assert stored.last_used_at == T0 + timedelta(minutes=5)
 
 
-async def test_update_hash_replaces_the_stored_hash(store: SQLiteKeyStore) -> None:
+async def test_update_hash_replaces_the_stored_hash(store: KeyStore) -> None:
     record = await store.insert_key(_record(1), [])
     await store.update_hash(record.id, "$argon2id$new")
     stored = await store.get_key(record.id)
@@ -192,7 +210,7 @@ async def test_update_hash_replaces_the_stored_hash(store: SQLiteKeyStore) -> No
     assert stored.key_hash == "$argon2id$new"
 
 
-async def test_changes_since_returns_only_newer_revisions(store: SQLiteKeyStore) -> None:
+async def test_changes_since_returns_only_newer_revisions(store: KeyStore) -> None:
     first = await store.insert_key(_record(1), [])
     newest, changed = await store.changes_since(first.revision)
     assert (newest, changed) == (first.revision, [])
@@ -205,8 +223,9 @@ async def test_changes_since_returns_only_newer_revisions(store: SQLiteKeyStore)
     assert changed[1].status == DISABLED
 
 
+@pytest.mark.sqlite_only
 async def test_change_marker_moves_only_for_commits_by_another_connection(
-        store: SQLiteKeyStore, db_path: Path) -> None:
+        store: KeyStore, db_path: Path) -> None:
     before = await store.external_change_marker()
     await store.insert_key(_record(1), [])
     assert await store.external_change_marker() == before
@@ -221,7 +240,7 @@ async def test_change_marker_moves_only_for_commits_by_another_connection(
     assert [k.status for k in changed] == [DISABLED]
 
 
-async def test_scheduled_disable_is_due_only_after_its_time(store: SQLiteKeyStore) -> None:
+async def test_scheduled_disable_is_due_only_after_its_time(store: KeyStore) -> None:
     record = await store.insert_key(_record(1), [])
     await store.schedule_disable(record.id, T0)
     assert await store.due_scheduled_disables(T0 - timedelta(seconds=1)) == []
@@ -230,7 +249,7 @@ async def test_scheduled_disable_is_due_only_after_its_time(store: SQLiteKeyStor
     assert await store.due_scheduled_disables(T0 + timedelta(days=1)) == []
 
 
-async def test_count_by_status_counts_one_workspace(store: SQLiteKeyStore) -> None:
+async def test_count_by_status_counts_one_workspace(store: KeyStore) -> None:
     for n in range(3):
         await store.insert_key(_record(n), [])
     await store.insert_key(_record(9, workspace="globex"), [])
@@ -238,7 +257,8 @@ async def test_count_by_status_counts_one_workspace(store: SQLiteKeyStore) -> No
     assert await store.count_by_status("acme") == {ENABLED: 2, DISABLED: 1}
 
 
-async def test_no_key_hash_or_secret_column_leaks_into_audit(store: SQLiteKeyStore, db_path: Path) -> None:
+@pytest.mark.sqlite_only
+async def test_no_key_hash_or_secret_column_leaks_into_audit(store: KeyStore, db_path: Path) -> None:
     record = await store.insert_key(_record(1), [_audit("key.created", _record(1))])
     rows = _sql(db_path, "SELECT * FROM audit_events")
     assert rows

@@ -63,6 +63,11 @@ def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
     return out
 
 
+# The store of every sidecar a test configures: "" (SQLite in data_dir) unless the test runs on
+# both backends (the ``both_stores`` fixture, tests/conftest.py, puts a PostgreSQL URL here).
+STORE: dict[str, str] = {"url": ""}
+
+
 @dataclass
 class ConfigFactory:
     """Settings for one test: a data dir under ``tmp_path``, cheap argon2, three roles."""
@@ -89,6 +94,8 @@ class ConfigFactory:
         }
         if cheap_argon2:
             base["argon2"] = dict(CHEAP_ARGON2)
+        if STORE["url"]:
+            base["store"] = {"url": STORE["url"]}
         return deep_merge(base, overrides or {})
 
     def settings(self, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None,

@@ -181,6 +181,19 @@ def pg_database(pg_server: str) -> Iterator[str]:
         asyncio.run(_admin(pg_server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
 
 
+@contextlib.contextmanager
+def fresh_schema(pg_database: str) -> Iterator[str]:
+    """A new empty schema in the run's database, first on the returned URL's ``search_path``;
+    dropped afterwards (for sync fixtures; ``pg_url`` is the async one)."""
+    schema = f"t_{secrets.token_hex(6)}"
+    asyncio.run(_admin(pg_database, f"CREATE SCHEMA {schema}"))
+    try:
+        yield with_database(pg_database, urlsplit(pg_database).path.lstrip("/"), options=f"-csearch_path={schema}")
+    finally:
+        with contextlib.suppress(asyncpg.PostgresError):
+            asyncio.run(_admin(pg_database, "SET lock_timeout = '2s'", f"DROP SCHEMA {schema} CASCADE"))
+
+
 @pytest.fixture
 async def pg_url(pg_database: str) -> AsyncIterator[str]:
     schema = f"t_{secrets.token_hex(6)}"

@@ -192,7 +192,7 @@ def redact_url(url: str) -> str:
             auth, _, hosts = netloc.rpartition("@")
             user, has_password, _ = auth.partition(":")
             netloc = f"{user}:***@{hosts}" if has_password else f"{user}@{hosts}"
-        query = urlencode([(k, "***" if k in _SECRET_QUERY_PARAMS else v)
+        query = urlencode([(k, "***" if k.lower() in _SECRET_QUERY_PARAMS else v)
                            for k, v in parse_qsl(parts.query, keep_blank_values=True)], safe="*")
         return urlunsplit(parts._replace(netloc=netloc, query=query))
     except ValueError:
@@ -207,7 +207,7 @@ def _url_secrets(url: str) -> list[str]:
         auth = parts.netloc.rpartition("@")[0]
         if ":" in auth:
             found.append(auth.partition(":")[2])
-        found.extend(v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k in _SECRET_QUERY_PARAMS)
+        found.extend(v for k, v in parse_qsl(parts.query, keep_blank_values=True) if k.lower() in _SECRET_QUERY_PARAMS)
     forms = {form for secret in found for form in (secret, unquote(secret)) if form}
     return sorted(forms, key=len, reverse=True)  # longest first: a form inside another is replaced last
 
