@@ -109,13 +109,6 @@ class SessionStore:
             return None
         return self._sessions.pop(_digest(token), None)
 
-    def delete_for_key(self, key_id: str) -> int:
-        """End every session opened with ``key_id`` (e.g. the admin key was disabled)."""
-        doomed = [d for d, s in self._sessions.items() if s.key_id == key_id]
-        for digest in doomed:
-            del self._sessions[digest]
-        return len(doomed)
-
     def _expire(self) -> None:
         now = self._clock()
         doomed = [d for d, s in self._sessions.items()

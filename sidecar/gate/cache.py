@@ -103,9 +103,6 @@ class KeyCache:
         """Why this token failed recently (e.g. "invalid", "disabled"), or None."""
         return self._negative.get(digest) if self._negative is not None else None
 
-    def is_known_bad(self, digest: bytes) -> bool:
-        return self.known_bad(digest) is not None
-
     def remember_bad(self, digest: bytes, fill_epoch: int, reason: str = "invalid") -> None:
         if self._negative is not None and fill_epoch == self.epoch:
             self._negative[digest] = reason

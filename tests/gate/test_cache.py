@@ -61,21 +61,21 @@ def test_fill_that_started_before_an_invalidation_is_dropped() -> None:
 def test_negative_results_are_remembered_and_cleared_by_any_invalidation() -> None:
     cache = KeyCache(10, 10, 60)
     digest, _ = _entry(1)
-    assert not cache.is_known_bad(digest)
+    assert cache.known_bad(digest) is None
     cache.remember_bad(digest, cache.epoch)
-    assert cache.is_known_bad(digest)
+    assert cache.known_bad(digest) is not None
     cache.invalidate("key_other")  # e.g. a key was enabled: yesterday's "disabled" may be stale
-    assert not cache.is_known_bad(digest)
+    assert cache.known_bad(digest) is None
     stale = cache.epoch - 1
     cache.remember_bad(digest, stale)
-    assert not cache.is_known_bad(digest)
+    assert cache.known_bad(digest) is None
 
 
 def test_negative_cache_can_be_turned_off() -> None:
     cache = KeyCache(10, 10, 0)
     digest, _ = _entry(1)
     cache.remember_bad(digest, cache.epoch)
-    assert not cache.is_known_bad(digest)
+    assert cache.known_bad(digest) is None
 
 
 def test_lru_bound_evicts_the_least_recently_used_and_counts_it() -> None:
@@ -100,5 +100,5 @@ def test_clear_empties_everything_and_moves_the_epoch() -> None:
     cache.remember_bad(b"x" * 32, epoch)
     cache.clear()
     assert len(cache) == 0
-    assert not cache.is_known_bad(b"x" * 32)
+    assert cache.known_bad(b"x" * 32) is None
     assert cache.epoch != epoch
