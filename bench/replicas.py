@@ -128,10 +128,14 @@ async def revocation(a: Sidecar, b: Sidecar, admin_key: str, count: int) -> list
                 assert resp.status == 200
                 disabled_at = time.perf_counter()
             while True:
-                async with http.post(f"http://{HOST}:{b.port}/mcp", headers=bearer, data=b"{}") as resp:
-                    if resp.status == 401:
-                        latencies.append(time.perf_counter() - disabled_at)
-                        break
+                try:
+                    async with http.post(f"http://{HOST}:{b.port}/mcp", headers=bearer, data=b"{}") as resp:
+                        refused = resp.status == 401
+                except aiohttp.ClientError:
+                    refused = True  # a request in flight at the disable is cut: its connection closes
+                if refused:
+                    latencies.append(time.perf_counter() - disabled_at)
+                    break
                 if time.perf_counter() - disabled_at > 5:
                     latencies.append(float("inf"))
                     break
