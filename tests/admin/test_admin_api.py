@@ -1,8 +1,9 @@
-"""The admin API over real TCP: both listeners, a real SQLite file, the example MCP upstream.
+"""The admin API over real TCP: both listeners, each store (SQLite file, PostgreSQL schema), the
+example MCP upstream.
 
-Covers SPEC 5 (every endpoint and error of the table, sessions, CSRF), SPEC 2 (disable means
-now: next request refused, open streams cut within 1 s) and SPEC 6 (audit rows name the key and
-the actor; no key material anywhere after creation).
+Covers docs/reference/admin-api.md (every endpoint and error of the table, sessions, CSRF; audit
+rows name the key and the actor; no key material anywhere after creation) and
+docs/reference/keys.md (disable means now: next request refused, open streams cut within 1 s).
 """
 
 from __future__ import annotations

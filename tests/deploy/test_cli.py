@@ -1,4 +1,4 @@
-"""The ``toolio-sidecar`` command line (SPEC 8): key management straight in the store, exit
+"""The ``toolio-sidecar`` command line (docs/reference/config.md): key management straight in the store, exit
 statuses, and start-up refusing bad config with a message naming the key."""
 
 from __future__ import annotations

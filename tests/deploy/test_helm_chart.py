@@ -326,7 +326,7 @@ def test_rendered_config_is_accepted_by_the_sidecar_settings_loader(chart: helm.
 
 
 def test_chart_config_defaults_are_the_sidecars_documented_defaults(chart: helm.Chart) -> None:
-    # config.example.toml documents every setting with its default (SPEC 8); the chart's
+    # config.example.toml documents every setting with its default (docs/reference/config.md); the chart's
     # `config` values must offer the same settings, except those the chart owns.
     example = tomllib.loads(CONFIG_EXAMPLE.read_text())
     for owned in CHART_OWNED_KEYS:

@@ -1,4 +1,4 @@
-"""The Helm chart with several replicas on a shared PostgreSQL store (SPEC 10).
+"""The Helm chart with several replicas on a shared PostgreSQL store (docs/operations.md).
 
 Rendered by the real Helm engine (helm-python-sdk) and validated strictly against the
 Kubernetes 1.33 OpenAPI schemas (kubernetes-validate), like tests/deploy/test_helm_chart.py;

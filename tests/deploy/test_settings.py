@@ -1,4 +1,4 @@
-"""Config loading (SPEC 8): every key validated at load; a bad one is a SettingsError naming it."""
+"""Config loading (docs/reference/config.md): every key validated at load; a bad one is a SettingsError naming it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Authentication through the running proxy (SPEC 2, 3): the RFC 6750 answers, disable /
+"""Authentication through the running proxy (docs/reference/keys.md, 3): the RFC 6750 answers, disable /
 enable from this process and from the CLI in another process, rate limits, and where the
 full key must never end up (the SQLite files, the logs, error bodies)."""
 

@@ -1,4 +1,4 @@
-"""Brute force and cost control (SPEC 3: "Too many failed attempts ... 429 with Retry-After;
+"""Brute force and cost control (docs/reference/headers.md: "Too many failed attempts ... 429 with Retry-After;
 valid traffic from others is unaffected").
 
 Wrong secrets are built with a *valid checksum* (``sidecar.keys.format.checksum``) so that they get

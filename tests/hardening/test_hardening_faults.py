@@ -1,4 +1,4 @@
-"""Upstream faults (SPEC 3 "Upstream failures"): unreachable -> 502, no response head in time ->
+"""Upstream faults (docs/reference/headers.md "Upstream failures"): unreachable -> 502, no response head in time ->
 504, reset mid-stream -> the client's stream still ends cleanly, pool exhausted -> 503 after a
 bounded wait. Afterwards the sidecar is healthy, and no error body carries identity header names
 or values or the key.

@@ -1,4 +1,5 @@
-"""Limits and slow clients (SPEC 3 "Limits"), and session binding (SPEC 3 "Sessions").
+"""Limits and slow clients (docs/reference/headers.md "Limits"), and session binding
+(docs/reference/headers.md "Sessions").
 
 * bodies over ``proxy.max_body_bytes`` get 413, also when streamed without a length: the
   sidecar counts while streaming and aborts the upstream request, which never sees the end;

@@ -1,4 +1,4 @@
-"""Key format (SPEC 2): generate / parse / checksum / preview, and argon2id hashing with re-hash
+"""Key format (docs/reference/keys.md): generate / parse / checksum / preview, and argon2id hashing with re-hash
 on use when the parameters change."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Durability of key changes (SPEC 9: "durable writes for keys and audit"): a burst of creates
+"""Durability of key changes (docs/operations.md: "durable writes for keys and audit"): a burst of creates
 and disables through the admin API (and through the CLI) is cut by SIGKILL; afterwards the
 SQLite file passes ``PRAGMA integrity_check``, every change a client saw confirmed is there with
 its audit event, and no half-written key exists.

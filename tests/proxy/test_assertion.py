@@ -1,4 +1,4 @@
-"""The signed assertion (SPEC 4): what the upstream receives can be verified with a stock JWT
+"""The signed assertion (docs/reference/headers.md): what the upstream receives can be verified with a stock JWT
 library against the published JWKS, in each selectable algorithm; keys are generated once,
 configurable, and rotatable."""
 

@@ -1,4 +1,4 @@
-"""The proxy listener against a real aiohttp upstream (SPEC 3): what is forwarded, what is
+"""The proxy listener against a real aiohttp upstream (docs/reference/headers.md): what is forwarded, what is
 stripped and added, streaming, upstream failures, limits, session binding, cancellation."""
 
 from __future__ import annotations
@@ -420,7 +420,7 @@ async def test_client_error_mid_stream_does_not_break_the_next_request(
 
 async def test_requests_near_the_listeners_own_paths_are_proxied_like_any_other(
         sidecar: RunningSidecar, echo: RecordingUpstream) -> None:
-    # The public app (app.ProxyApp) routes by hand; this pins that it routes as SPEC 3 reads: the
+    # The public app (app.ProxyApp) routes by hand; this pins that it routes as docs/reference/headers.md reads: the
     # app's own GET paths with another method, and paths that only share a prefix with a
     # discovery path, are the MCP server's.
     _, key = await sidecar.create_key()

@@ -1,6 +1,6 @@
 """Property: whatever headers a client sends, ``upstream_header_lines`` hands the upstream no
 credentials, no hop-by-hop fields, nothing that could pose as our identity, and exactly one of
-each identity and X-Forwarded-* header (SPEC 3; RFC 9110 7.6.1; MCP: no token passthrough)."""
+each identity and X-Forwarded-* header (docs/reference/headers.md; RFC 9110 7.6.1; MCP: no token passthrough)."""
 
 from __future__ import annotations
 
