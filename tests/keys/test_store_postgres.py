@@ -1,5 +1,5 @@
-"""The PostgreSQL key store against a real server: the behaviours of the SQLite store, and what
-several replicas sharing one database need (migrations under a lock, session bindings and shared
+"""The PostgreSQL key store against a real server: what several replicas sharing one database need
+beyond the behaviours both stores share (those run on both in tests/keys/test_store.py) (migrations under a lock, session bindings and shared
 secrets that hold under races, the NOTIFY change feed, no password in error text).
 
 Test bodies use the KeyStore interface through the ``store`` fixture and ``replica`` (another
@@ -21,7 +21,7 @@ import asyncpg
 import pytest
 
 from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
-from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, StoreError
+from sidecar.keys.store.base import StoreError
 from sidecar.keys.store.postgres import MIGRATIONS, KeyChangeFeed, PostgresKeyStore, redact_url
 from tests.support.polling import eventually
 
@@ -159,21 +159,6 @@ async def test_store_refuses_work_when_not_open(pg_url: str) -> None:
 # -- keys ------------------------------------------------------------------------------------------
 
 
-async def test_inserted_key_reads_back_by_id_and_lookup_id(store: PostgresKeyStore) -> None:
-    record = replace(_record(1), roles=("viewer", "writer"), expires_at=T0 + timedelta(days=1))
-    stored = await store.insert_key(record, [_audit("key.created", record)])
-    assert stored.revision > 0
-    by_id = await store.get_key(record.id)
-    by_lookup = await store.get_by_lookup_id(record.lookup_id)
-    assert by_id == by_lookup == stored
-    assert by_id is not None
-    assert by_id.roles == ("viewer", "writer")
-    assert by_id.created_at == record.created_at
-    assert by_id.expires_at == record.expires_at
-    assert await store.get_key("key_missing") is None
-    assert await store.get_by_lookup_id("NOPE0000") is None
-
-
 async def test_times_are_kept_to_the_millisecond_in_utc(store: PostgresKeyStore) -> None:
     local = datetime(2030, 1, 2, 5, 4, 5, 678999, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
     record = replace(_record(1), created_at=local)
@@ -182,55 +167,6 @@ async def test_times_are_kept_to_the_millisecond_in_utc(store: PostgresKeyStore)
     assert stored is not None
     assert stored.created_at == datetime(2030, 1, 2, 5, 4, 5, 678000, tzinfo=UTC)
     assert stored.created_at.tzinfo == UTC
-
-
-async def test_names_are_unique_per_workspace_only(store: PostgresKeyStore) -> None:
-    await store.insert_key(_record(1, name="ci"), [])
-    with pytest.raises(DuplicateName):
-        await store.insert_key(_record(2, name="ci"), [])
-    await store.insert_key(_record(3, name="ci", workspace="globex"), [])
-    assert [k.name for k in await store.list_keys("acme")] == ["ci"]
-    assert [k.workspace for k in await store.list_keys("globex")] == ["globex"]
-
-
-async def test_duplicate_lookup_id_is_its_own_error_and_writes_nothing(store: PostgresKeyStore) -> None:
-    first = await store.insert_key(_record(1, lookup="SAMELOOK"), [])
-    with pytest.raises(DuplicateLookupId):
-        await store.insert_key(_record(2, lookup="SAMELOOK"), [_audit("key.created", _record(2))])
-    assert await store.get_key(_record(2).id) is None
-    assert await store.list_audit("acme", 10, None) == []
-    assert await store.changes_since(first.revision) == (first.revision, [])  # the bump rolled back
-
-
-async def test_list_keys_is_in_creation_order(store: PostgresKeyStore) -> None:
-    for n in (3, 1, 2):
-        await store.insert_key(_record(n), [])
-    assert [k.id for k in await store.list_keys("acme")] == [_record(n).id for n in (1, 2, 3)]
-
-
-async def test_disable_and_enable_change_status_times_and_write_the_audit_row(store: PostgresKeyStore) -> None:
-    record = await store.insert_key(_record(1), [])
-    disabled = await store.set_status(record.id, DISABLED, T0, _audit("key.disabled", record))
-    assert disabled is not None
-    assert disabled.status == DISABLED
-    assert disabled.disabled_at == T0
-    assert disabled.revision > record.revision
-    again = await store.set_status(record.id, DISABLED, T0 + timedelta(hours=1), _audit("key.disabled", record))
-    assert again is not None
-    assert again.disabled_at == T0  # the first disable time is kept
-    enabled = await store.set_status(record.id, ENABLED, T0, _audit("key.enabled", record))
-    assert enabled is not None
-    assert enabled.status == ENABLED
-    assert enabled.disabled_at is None
-    assert enabled.key_hash == record.key_hash  # same value works again
-    assert await store.get_key(record.id) == enabled
-    actions = [e.action for e in await store.list_audit("acme", 10, None)]
-    assert actions == ["key.enabled", "key.disabled", "key.disabled"]
-
-
-async def test_status_change_of_unknown_key_returns_none_and_writes_no_audit(store: PostgresKeyStore) -> None:
-    assert await store.set_status("key_missing", DISABLED, T0, _audit("key.disabled")) is None
-    assert await store.list_audit("acme", 10, None) == []
 
 
 async def test_scheduled_disable_is_due_only_after_its_time_and_enable_clears_it(store: PostgresKeyStore) -> None:
@@ -274,23 +210,6 @@ async def test_last_used_keeps_the_newest_time(store: PostgresKeyStore, replica:
     assert stored.revision == record.revision  # last-used is not a key change
 
 
-async def test_update_hash_replaces_the_stored_hash(store: PostgresKeyStore) -> None:
-    record = await store.insert_key(_record(1), [])
-    await store.update_hash(record.id, "$argon2id$new")
-    stored = await store.get_key(record.id)
-    assert stored is not None
-    assert stored.key_hash == "$argon2id$new"
-
-
-async def test_count_by_status_counts_one_workspace(store: PostgresKeyStore) -> None:
-    assert await store.count_by_status("acme") == {ENABLED: 0, DISABLED: 0}
-    for n in range(3):
-        await store.insert_key(_record(n), [])
-    await store.insert_key(_record(9, workspace="globex"), [])
-    await store.set_status(_record(0).id, DISABLED, T0, _audit("key.disabled", _record(0)))
-    assert await store.count_by_status("acme") == {ENABLED: 2, DISABLED: 1}
-
-
 # -- audit -----------------------------------------------------------------------------------------
 
 
@@ -304,20 +223,6 @@ async def test_audit_is_append_only_in_the_database(
     assert len(await store.list_audit("acme", 10, None)) == 1
 
 
-async def test_audit_lists_newest_first_per_workspace_with_paging(store: PostgresKeyStore) -> None:
-    await store.append_audit([_audit(f"e{n}", when=T0 + timedelta(seconds=n)) for n in range(5)])
-    await store.append_audit([replace(_audit("other"), workspace="globex")])
-    await store.append_audit([])
-    page = await store.list_audit("acme", 2, None)
-    assert [e.action for e in page] == ["e4", "e3"]
-    assert page[0].details == {"n": 1}
-    assert page[0].time == T0 + timedelta(seconds=4)
-    assert page[1].id is not None
-    rest = await store.list_audit("acme", 10, page[1].id)
-    assert [e.action for e in rest] == ["e2", "e1", "e0"]
-    assert page[0].as_json()["time"] == "2030-01-02T03:04:09.678Z"
-
-
 async def test_no_key_hash_leaks_into_audit(store: PostgresKeyStore, raw: asyncpg.Connection[asyncpg.Record]) -> None:
     record = await store.insert_key(_record(1), [_audit("key.created", _record(1))])
     rows = await raw.fetch("SELECT * FROM audit_events")
@@ -326,19 +231,6 @@ async def test_no_key_hash_leaks_into_audit(store: PostgresKeyStore, raw: asyncp
 
 
 # -- changes across replicas -----------------------------------------------------------------------
-
-
-async def test_changes_since_returns_only_newer_revisions(store: PostgresKeyStore) -> None:
-    first = await store.insert_key(_record(1), [])
-    newest, changed = await store.changes_since(first.revision)
-    assert (newest, changed) == (first.revision, [])
-    second = await store.insert_key(_record(2), [])
-    disabled = await store.set_status(first.id, DISABLED, T0, _audit("key.disabled", first))
-    assert disabled is not None
-    newest, changed = await store.changes_since(first.revision)
-    assert newest == disabled.revision
-    assert [k.id for k in changed] == [second.id, first.id]
-    assert changed[1].status == DISABLED
 
 
 async def test_change_marker_moves_when_another_replica_commits(store: PostgresKeyStore, replica: Replica) -> None:
