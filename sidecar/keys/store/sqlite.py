@@ -12,9 +12,10 @@ fetch only the keys whose revision is newer than the last one seen.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -134,6 +135,19 @@ class SQLiteKeyStore(KeyStore):
         self._db: aiosqlite.Connection | None = None
         self._lock = asyncio.Lock()
         self.description = f"SQLite at {path}"
+
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[None]:
+        """One write transaction, serialised on this connection: BEGIN IMMEDIATE takes the write
+        lock up front (no SQLITE_BUSY half-way); COMMIT on success, ROLLBACK on any exception."""
+        async with self._lock:
+            await self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await self.db.execute("ROLLBACK")
+                raise
 
     @property
     def db(self) -> aiosqlite.Connection:
@@ -276,16 +290,10 @@ class SQLiteKeyStore(KeyStore):
         return await self.get_key(key_id)
 
     async def schedule_disable(self, key_id: str, when: datetime | None) -> None:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                revision = await self._next_revision()
-                await self.db.execute("UPDATE keys SET disable_at = ?, revision = ? WHERE id = ?",
-                                      (to_rfc3339(when), revision, key_id))
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            revision = await self._next_revision()
+            await self.db.execute("UPDATE keys SET disable_at = ?, revision = ? WHERE id = ?",
+                                  (to_rfc3339(when), revision, key_id))
 
     async def due_scheduled_disables(self, now: datetime) -> list[KeyRecord]:
         async with self.db.execute(
@@ -302,18 +310,12 @@ class SQLiteKeyStore(KeyStore):
             return [_key_from_row(row) for row in await cur.fetchall()]
 
     async def note_expired(self, key_id: str, audit: AuditRecord) -> bool:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                cur = await self.db.execute(
-                    "UPDATE keys SET expiry_noted = 1 WHERE id = ? AND expiry_noted = 0", (key_id,))
-                noted = cur.rowcount > 0
-                if noted:
-                    await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            cur = await self.db.execute(
+                "UPDATE keys SET expiry_noted = 1 WHERE id = ? AND expiry_noted = 0", (key_id,))
+            noted = cur.rowcount > 0
+            if noted:
+                await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
         return noted
 
     async def update_hash(self, key_id: str, key_hash: str) -> None:
@@ -323,31 +325,19 @@ class SQLiteKeyStore(KeyStore):
     async def touch_last_used(self, last_used: Mapping[str, datetime]) -> None:
         if not last_used:
             return
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                # MAX keeps the newest time when several sidecars share the store.
-                await self.db.executemany(
-                    "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
-                    [(to_rfc3339(when), key_id) for key_id, when in last_used.items()],
-                )
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            # MAX keeps the newest time when several sidecars share the store.
+            await self.db.executemany(
+                "UPDATE keys SET last_used_at = MAX(COALESCE(last_used_at, ''), ?) WHERE id = ?",
+                [(to_rfc3339(when), key_id) for key_id, when in last_used.items()],
+            )
 
     async def append_audit(self, events: Iterable[AuditRecord]) -> None:
         rows = [_audit_params(e) for e in events]
         if not rows:
             return
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.executemany(_AUDIT_INSERT, rows)
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            await self.db.executemany(_AUDIT_INSERT, rows)
 
     async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
         sql = ("SELECT id, time, action, actor, workspace, key_id, key_name, client, details "
@@ -392,20 +382,14 @@ class SQLiteKeyStore(KeyStore):
 
     async def bind_session(self, session_id: str, key_id: str, now: datetime) -> str:
         stamp = to_rfc3339(now)
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                # INSERT OR IGNORE: the first binding wins and is never replaced.
-                await self.db.execute(
-                    "INSERT OR IGNORE INTO session_bindings (session_id, key_id, created_at, seen_at) "
-                    "VALUES (?, ?, ?, ?)", (session_id, key_id, stamp, stamp))
-                async with self.db.execute("SELECT key_id FROM session_bindings WHERE session_id = ?",
-                                           (session_id,)) as cur:
-                    row = await cur.fetchone()
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            # INSERT OR IGNORE: the first binding wins and is never replaced.
+            await self.db.execute(
+                "INSERT OR IGNORE INTO session_bindings (session_id, key_id, created_at, seen_at) "
+                "VALUES (?, ?, ?, ?)", (session_id, key_id, stamp, stamp))
+            async with self.db.execute("SELECT key_id FROM session_bindings WHERE session_id = ?",
+                                       (session_id,)) as cur:
+                row = await cur.fetchone()
         assert row is not None
         return str(row[0])
 
@@ -418,16 +402,10 @@ class SQLiteKeyStore(KeyStore):
     async def touch_sessions(self, seen: Mapping[str, datetime]) -> None:
         if not seen:
             return
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.executemany(
-                    "UPDATE session_bindings SET seen_at = MAX(seen_at, ?) WHERE session_id = ?",
-                    [(to_rfc3339(when), session_id) for session_id, when in seen.items()])
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            await self.db.executemany(
+                "UPDATE session_bindings SET seen_at = MAX(seen_at, ?) WHERE session_id = ?",
+                [(to_rfc3339(when), session_id) for session_id, when in seen.items()])
 
     async def prune_sessions(self, older_than: datetime) -> int:
         async with self._lock:
@@ -437,17 +415,11 @@ class SQLiteKeyStore(KeyStore):
 
 
     async def get_or_create_secret(self, name: str, make: Callable[[], str]) -> str:
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                await self.db.execute("INSERT OR IGNORE INTO shared_settings (name, value) VALUES (?, ?)",
-                                      (name, make()))
-                async with self.db.execute("SELECT value FROM shared_settings WHERE name = ?", (name,)) as cur:
-                    row = await cur.fetchone()
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            await self.db.execute("INSERT OR IGNORE INTO shared_settings (name, value) VALUES (?, ?)",
+                                  (name, make()))
+            async with self.db.execute("SELECT value FROM shared_settings WHERE name = ?", (name,)) as cur:
+                row = await cur.fetchone()
         assert row is not None
         return str(row[0])
 
@@ -470,25 +442,19 @@ class SQLiteKeyStore(KeyStore):
 
     async def import_records(self, keys: Sequence[KeyRecord], audit: Sequence[AuditRecord]) -> tuple[int, int]:
         added_keys = added_events = 0
-        async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
-            try:
-                for record in keys:
-                    revision = await self._next_revision()
-                    cur = await self.db.execute(
-                        f"INSERT OR IGNORE INTO keys ({_KEY_COLUMNS}) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                        _key_params(record, revision))
-                    added_keys += cur.rowcount
-                for event in audit:
-                    cur = await self.db.execute(
-                        "INSERT OR IGNORE INTO audit_events (id, time, action, actor, workspace, key_id, key_name, "
-                        "client, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (event.id, *_audit_params(event)))
-                    added_events += cur.rowcount
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await self.db.execute("ROLLBACK")
-                raise
+        async with self._write():
+            for record in keys:
+                revision = await self._next_revision()
+                cur = await self.db.execute(
+                    f"INSERT OR IGNORE INTO keys ({_KEY_COLUMNS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    _key_params(record, revision))
+                added_keys += cur.rowcount
+            for event in audit:
+                cur = await self.db.execute(
+                    "INSERT OR IGNORE INTO audit_events (id, time, action, actor, workspace, key_id, key_name, "
+                    "client, details) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", (event.id, *_audit_params(event)))
+                added_events += cur.rowcount
         return added_keys, added_events
 
 def _split_sql(script: str) -> list[str]:
