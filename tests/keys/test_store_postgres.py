@@ -1,6 +1,7 @@
-"""The PostgreSQL key store against a real server: what several replicas sharing one database need
-beyond the behaviours both stores share (those run on both in tests/keys/test_store.py) (migrations under a lock, session bindings and shared
-secrets that hold under races, the NOTIFY change feed, no password in error text).
+"""The PostgreSQL key store against a real server: what several replicas sharing one database
+need beyond the behaviours both stores share (those run on both in tests/keys/test_store.py):
+migrations under a lock, session bindings and shared secrets that hold under races, the NOTIFY
+change feed, no password in error text.
 
 Test bodies use the KeyStore interface through the ``store`` fixture and ``replica`` (another
 process sharing the same data); raw SQL only where the database itself is what is tested.
