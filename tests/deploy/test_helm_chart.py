@@ -12,7 +12,6 @@ import hashlib
 import json
 import re
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,28 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.settings import load_settings
 from tests.support.config import REPOSITORY
+from tests.support.helm import (
+    CHART_DIR,
+    FULLNAME,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    SIGNING_DIR,
+    Manifest,
+    find,
+    kinds,
+    render,
+    render_files,
+)
 
 ROOT = REPOSITORY
-CHART_DIR = ROOT / "helm" / "toolio-sidecar"
 CONFIG_EXAMPLE = ROOT / "config.example.toml"
 # config.toml keys the chart sets itself (from ports, mode and the signing Secret).
 CHART_OWNED_KEYS = {"data_dir", "proxy.listen", "proxy.upstream", "admin.listen", "signing.private_key_files"}
-KUBERNETES_VERSION = "1.33"
-RELEASE = "acme"
-NAMESPACE = "tools"
-FULLNAME = f"{RELEASE}-toolio-sidecar"
-SIGNING_DIR = "/run/secrets/toolio-sidecar/signing"
 
 # Custom resources that kubernetes-validate has no schema for; each is checked by
 # check_custom_resource() instead. Any other unknown kind fails the validation.
 CUSTOM_RESOURCE_KINDS = {("monitoring.coreos.com/v1", "ServiceMonitor")}
 
-Manifest = dict[str, Any]
 
 CASES: dict[str, dict[str, Any]] = {
     "defaults": {},
@@ -88,43 +92,8 @@ CASES: dict[str, dict[str, Any]] = {
 }
 
 
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm.Chart]:
-    with helm.Chart.load(CHART_DIR) as loaded:
-        yield loaded
-
-
-def split_documents(text: str) -> list[Manifest]:
-    """Parse a rendered template (possibly several YAML documents) with Helm's own parser."""
-    documents = re.split(r"^---[ \t]*$", text, flags=re.MULTILINE)
-    parsed = (helm.values_from_yaml(document) for document in documents)
-    return [manifest for manifest in parsed if manifest]
-
-
-def render_files(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def render(chart: helm.Chart, values: dict[str, Any]) -> list[Manifest]:
-    manifests: list[Manifest] = []
-    for path, text in sorted(render_files(chart, values).items()):
-        if path.endswith(".yaml"):
-            manifests.extend(split_documents(text))
-    return manifests
-
-
 def notes(chart: helm.Chart, values: dict[str, Any]) -> str:
     return render_files(chart, values)["toolio-sidecar/templates/NOTES.txt"]
-
-
-def find(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
-    matches = [m for m in manifests if m["kind"] == kind and name in (None, m["metadata"]["name"])]
-    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
-    return matches[0]
-
-
-def kinds(manifests: list[Manifest]) -> list[str]:
-    return sorted(m["kind"] for m in manifests)
 
 
 def pod_spec(manifests: list[Manifest]) -> Manifest:

@@ -1,17 +1,15 @@
 """The Helm chart with several replicas on a shared PostgreSQL store (docs/operations.md).
 
 Rendered by the real Helm engine (helm-python-sdk) and validated strictly against the
-Kubernetes 1.33 OpenAPI schemas (kubernetes-validate), like tests/deploy/test_helm_chart.py;
-the few helpers needed are repeated here so that this file stands on its own.
+Kubernetes 1.33 OpenAPI schemas (kubernetes-validate), like tests/deploy/test_helm_chart.py,
+through the same helpers (tests/support/helm.py).
 """
 
 from __future__ import annotations
 
 import base64
 import math
-import re
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,21 +18,25 @@ import kubernetes_validate
 import pytest
 
 from sidecar.settings import STORE_URL_ENV, load_settings
+from tests.support.helm import (
+    CHART_DIR,
+    FULLNAME,
+    KUBERNETES_VERSION,
+    NAMESPACE,
+    SIGNING_DIR,
+    Manifest,
+    find,
+    kinds,
+    render,
+    render_files,
+)
 
-ROOT = Path(__file__).resolve().parents[2]
-CHART_DIR = ROOT / "helm" / "toolio-sidecar"
-KUBERNETES_VERSION = "1.33"
-RELEASE = "acme"
-NAMESPACE = "tools"
-FULLNAME = f"{RELEASE}-toolio-sidecar"
 MIGRATE_NAME = f"{FULLNAME}-migrate"
 CONFIG_PATH = "/etc/toolio-sidecar/config.toml"
-SIGNING_DIR = "/run/secrets/toolio-sidecar/signing"
 DB_SECRET = "toolio-db"
 # What an operator keeps in the Secret; it must never reach the chart's values or manifests.
 DB_URL = "postgresql://toolio:s3cr%40t-pw@db.example.internal:5432/toolio?sslmode=require"
 
-Manifest = dict[str, Any]
 
 POSTGRES = {"type": "postgres", "postgres": {"existingSecret": DB_SECRET}}
 
@@ -70,35 +72,6 @@ CASES: dict[str, dict[str, Any]] = {
         "migrations": {"podAnnotations": {"sidecar.istio.io/inject": "false"}},
     },
 }
-
-
-@pytest.fixture(scope="module")
-def chart() -> Iterator[helm.Chart]:
-    with helm.Chart.load(CHART_DIR) as loaded:
-        yield loaded
-
-
-def render_files(chart: helm.Chart, values: dict[str, Any]) -> dict[str, str]:
-    return chart.render(values, name=RELEASE, namespace=NAMESPACE)
-
-
-def render(chart: helm.Chart, values: dict[str, Any]) -> list[Manifest]:
-    manifests: list[Manifest] = []
-    for path, text in sorted(render_files(chart, values).items()):
-        if path.endswith(".yaml"):
-            documents = re.split(r"^---[ \t]*$", text, flags=re.MULTILINE)
-            manifests.extend(m for m in (helm.values_from_yaml(d) for d in documents) if m)
-    return manifests
-
-
-def find(manifests: list[Manifest], kind: str, name: str | None = None) -> Manifest:
-    matches = [m for m in manifests if m["kind"] == kind and name in (None, m["metadata"]["name"])]
-    assert len(matches) == 1, f"expected one {kind} {name or ''}, found {len(matches)}"
-    return matches[0]
-
-
-def kinds(manifests: list[Manifest]) -> list[str]:
-    return sorted(m["kind"] for m in manifests)
 
 
 def deployment(manifests: list[Manifest]) -> Manifest:
