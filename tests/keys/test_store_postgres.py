@@ -21,29 +21,15 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
+from sidecar.keys.records import DISABLED, ENABLED
 from sidecar.keys.store.base import StoreError
 from sidecar.keys.store.postgres import MIGRATIONS, KeyChangeFeed, PostgresKeyStore, redact_url
 from tests.support.polling import eventually
+from tests.support.records import T0, audit_record, key_record
 
-T0 = datetime(2030, 1, 2, 3, 4, 5, 678000, tzinfo=UTC)
 PASSWORD = "Sw0rdf1sh-not-for-logs"
 
 Replica = Callable[[], Awaitable[PostgresKeyStore]]
-
-
-def _record(n: int, *, name: str | None = None, workspace: str = "acme", lookup: str | None = None) -> KeyRecord:
-    return KeyRecord(
-        id=f"key_{n:016d}", lookup_id=lookup or f"LOOK{n:04d}", name=name or f"key-{n}", roles=("viewer",),
-        workspace=workspace, status=ENABLED, created_at=T0 + timedelta(seconds=n), created_by="test",
-        key_hash=f"$argon2id$fake{n}",
-    )
-
-
-def _audit(action: str, key: KeyRecord | None = None, when: datetime = T0) -> AuditRecord:
-    return AuditRecord(time=when, action=action, actor="test", workspace=key.workspace if key else "acme",
-                       key_id=key.id if key else None, key_name=key.name if key else None,
-                       details={"n": 1})
 
 
 def _with_password(url: str, password: str) -> str:
@@ -123,11 +109,11 @@ async def test_open_creates_the_schema_and_records_each_migration(
 
 
 async def test_migrating_again_applies_nothing_and_keeps_data(store: PostgresKeyStore, replica: Replica) -> None:
-    await store.insert_key(_record(1), [_audit("key.created", _record(1))])
+    await store.insert_key(key_record(1), [audit_record("key.created", key_record(1))])
     assert await store.migrate() == 0
     await store.close()
     again = await replica()
-    assert await again.get_key(_record(1).id) is not None
+    assert await again.get_key(key_record(1).id) is not None
     assert await again.migrate() == 0
 
 
@@ -138,8 +124,8 @@ async def test_replicas_starting_together_migrate_once(pg_url: str, raw: asyncpg
         assert sorted(applied) == [0, 0, 0, 0, len(MIGRATIONS)]
         await asyncio.gather(*(s.open() for s in stores))
         assert await raw.fetchval("SELECT COUNT(*) FROM schema_migrations") == len(MIGRATIONS)
-        await stores[0].insert_key(_record(1), [])
-        assert await stores[4].get_key(_record(1).id) is not None
+        await stores[0].insert_key(key_record(1), [])
+        assert await stores[4].get_key(key_record(1).id) is not None
     finally:
         for s in stores:
             await s.close()
@@ -162,7 +148,7 @@ async def test_store_refuses_work_when_not_open(pg_url: str) -> None:
 
 async def test_times_are_kept_to_the_millisecond_in_utc(store: PostgresKeyStore) -> None:
     local = datetime(2030, 1, 2, 5, 4, 5, 678999, tzinfo=UTC).astimezone(timezone(timedelta(hours=2)))
-    record = replace(_record(1), created_at=local)
+    record = replace(key_record(1), created_at=local)
     await store.insert_key(record, [])
     stored = await store.get_key(record.id)
     assert stored is not None
@@ -171,7 +157,7 @@ async def test_times_are_kept_to_the_millisecond_in_utc(store: PostgresKeyStore)
 
 
 async def test_scheduled_disable_is_due_only_after_its_time_and_enable_clears_it(store: PostgresKeyStore) -> None:
-    record = await store.insert_key(_record(1), [])
+    record = await store.insert_key(key_record(1), [])
     await store.schedule_disable(record.id, T0)
     scheduled = await store.get_key(record.id)
     assert scheduled is not None
@@ -179,28 +165,28 @@ async def test_scheduled_disable_is_due_only_after_its_time_and_enable_clears_it
     assert scheduled.revision > record.revision
     assert await store.due_scheduled_disables(T0 - timedelta(seconds=1)) == []
     assert [k.id for k in await store.due_scheduled_disables(T0)] == [record.id]
-    await store.set_status(record.id, ENABLED, T0, _audit("key.enabled", record))  # clears it
+    await store.set_status(record.id, ENABLED, T0, audit_record("key.enabled", record))  # clears it
     assert await store.due_scheduled_disables(T0 + timedelta(days=1)) == []
     await store.schedule_disable(record.id, T0)
-    await store.set_status(record.id, DISABLED, T0, _audit("key.disabled", record))  # so does disabling
+    await store.set_status(record.id, DISABLED, T0, audit_record("key.disabled", record))  # so does disabling
     assert await store.due_scheduled_disables(T0 + timedelta(days=1)) == []
 
 
 async def test_an_expiry_is_noted_once_across_replicas(store: PostgresKeyStore, replica: Replica) -> None:
-    record = await store.insert_key(replace(_record(1), expires_at=T0), [])
-    await store.insert_key(replace(_record(2), expires_at=T0 + timedelta(days=1)), [])
+    record = await store.insert_key(replace(key_record(1), expires_at=T0), [])
+    await store.insert_key(replace(key_record(2), expires_at=T0 + timedelta(days=1)), [])
     assert await store.due_expiries(T0 - timedelta(seconds=1)) == []
     assert [k.id for k in await store.due_expiries(T0)] == [record.id]
     other = await replica()
-    noted = await asyncio.gather(*(s.note_expired(record.id, _audit("key.expired", record))
+    noted = await asyncio.gather(*(s.note_expired(record.id, audit_record("key.expired", record))
                                    for s in (store, other, store, other)))
     assert sorted(noted) == [False, False, False, True]
     assert [e.action for e in await store.list_audit("acme", 10, None)] == ["key.expired"]
-    assert await store.due_expiries(T0 + timedelta(days=2)) == [await store.get_key(_record(2).id)]
+    assert await store.due_expiries(T0 + timedelta(days=2)) == [await store.get_key(key_record(2).id)]
 
 
 async def test_last_used_keeps_the_newest_time(store: PostgresKeyStore, replica: Replica) -> None:
-    record = await store.insert_key(_record(1), [])
+    record = await store.insert_key(key_record(1), [])
     await store.touch_last_used({record.id: T0 + timedelta(minutes=5)})
     other = await replica()
     await other.touch_last_used({record.id: T0})  # an older batch from another replica loses
@@ -216,7 +202,7 @@ async def test_last_used_keeps_the_newest_time(store: PostgresKeyStore, replica:
 
 async def test_audit_is_append_only_in_the_database(
         store: PostgresKeyStore, raw: asyncpg.Connection[asyncpg.Record]) -> None:
-    await store.append_audit([_audit("admin.login")])
+    await store.append_audit([audit_record("admin.login")])
     for statement in ("UPDATE audit_events SET actor = 'mallory'", "DELETE FROM audit_events",
                       "TRUNCATE audit_events"):
         with pytest.raises(asyncpg.PostgresError, match="append-only"):
@@ -225,7 +211,7 @@ async def test_audit_is_append_only_in_the_database(
 
 
 async def test_no_key_hash_leaks_into_audit(store: PostgresKeyStore, raw: asyncpg.Connection[asyncpg.Record]) -> None:
-    record = await store.insert_key(_record(1), [_audit("key.created", _record(1))])
+    record = await store.insert_key(key_record(1), [audit_record("key.created", key_record(1))])
     rows = await raw.fetch("SELECT * FROM audit_events")
     assert rows
     assert all(record.key_hash not in str(tuple(row)) for row in rows)
@@ -235,10 +221,10 @@ async def test_no_key_hash_leaks_into_audit(store: PostgresKeyStore, raw: asyncp
 
 
 async def test_change_marker_moves_when_another_replica_commits(store: PostgresKeyStore, replica: Replica) -> None:
-    await store.insert_key(_record(1), [])
+    await store.insert_key(key_record(1), [])
     before = await store.external_change_marker()
     other = await replica()  # e.g. the CLI, or another sidecar
-    await other.set_status(_record(1).id, DISABLED, T0, _audit("key.disabled", _record(1)))
+    await other.set_status(key_record(1).id, DISABLED, T0, audit_record("key.disabled", key_record(1)))
     assert await store.external_change_marker() != before
     _, changed = await store.changes_since(before)
     assert [k.status for k in changed] == [DISABLED]
@@ -247,7 +233,7 @@ async def test_change_marker_moves_when_another_replica_commits(store: PostgresK
 async def test_concurrent_writers_get_distinct_revisions_in_commit_order(
         store: PostgresKeyStore, replica: Replica) -> None:
     other = await replica()
-    records = await asyncio.gather(*(s.insert_key(_record(n), []) for n, s in
+    records = await asyncio.gather(*(s.insert_key(key_record(n), []) for n, s in
                                      enumerate([store, other] * 10)))
     assert sorted(r.revision for r in records) == list(range(1, 21))
     newest, changed = await store.changes_since(0)
@@ -263,7 +249,7 @@ async def test_listener_hears_a_change_when_it_commits_and_not_before(
     assert feed.connected
     assert feed.is_current(5.0)
     other = await replica()
-    created = await other.insert_key(_record(1), [_audit("key.created", _record(1))])
+    created = await other.insert_key(key_record(1), [audit_record("key.created", key_record(1))])
     await eventually(lambda: created.revision in heard)
     # A change is not announced while its transaction is open, and is once it commits.
     async with raw.transaction():
@@ -289,11 +275,11 @@ async def test_listener_reconnects_and_resynchronises_after_its_connection_is_cu
         assert pid is not None
         other = await replica()
         assert await raw.fetchval("SELECT pg_terminate_backend($1)", pid)
-        created = await other.insert_key(_record(1), [])  # perhaps while the feed is away
+        created = await other.insert_key(key_record(1), [])  # perhaps while the feed is away
         await eventually(lambda: feed.reconnects >= 1 and feed.connected and created.revision in heard)
         assert feed.backend_pid not in (None, pid)
         assert feed.is_current(5.0)
-        changed = await other.set_status(created.id, DISABLED, T0, _audit("key.disabled", created))
+        changed = await other.set_status(created.id, DISABLED, T0, audit_record("key.disabled", created))
         assert changed is not None
         await eventually(lambda: changed.revision in heard)
     finally:
@@ -315,7 +301,7 @@ async def test_listener_is_stale_while_it_cannot_reconnect_and_recovers(
         await eventually(lambda: not feed.connected)
         await asyncio.sleep(0.5)
         assert not feed.is_current(0.3)
-        created = await other.insert_key(_record(1), [])  # a pooled connection is still open
+        created = await other.insert_key(key_record(1), [])  # a pooled connection is still open
     await eventually(lambda: feed.is_current(1.0) and created.revision in heard)
 
 
@@ -445,8 +431,8 @@ def test_a_throwaway_cluster_starts_when_no_server_answers(
         store = PostgresKeyStore(url)
         await store.open()
         try:
-            await store.insert_key(_record(1), [])
-            assert [k.id for k in await store.list_keys("acme")] == [_record(1).id]
+            await store.insert_key(key_record(1), [])
+            assert [k.id for k in await store.list_keys("acme")] == [key_record(1).id]
         finally:
             await store.close()
 
