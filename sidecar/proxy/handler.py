@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.errors import InvalidToken, ProxyError, SidecarError
+from sidecar.errors import InvalidToken, ProxyError, SidecarError, StoreUnavailable
 from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.gate.principal import Principal
@@ -185,7 +185,8 @@ class ProxyHandler:
             try:
                 owner = await self._bindings.owner(session_id)
             except Exception:
-                raise ProxyError(503, "store_unavailable", "Cannot check the MCP session; retry") from None
+                self._metrics.store_unavailable.inc()
+                raise StoreUnavailable() from None
             if owner is None:
                 raise ProxyError(404, "session_not_found", "Unknown MCP session; start a new one")
             if owner != principal.key_id:
@@ -272,7 +273,8 @@ class ProxyHandler:
                 try:
                     owner = await self._bindings.bind(new_session, principal.key_id)
                 except Exception:
-                    raise ProxyError(503, "store_unavailable", "Cannot record the MCP session; retry") from None
+                    self._metrics.store_unavailable.inc()
+                    raise StoreUnavailable() from None
                 if owner != principal.key_id:
                     raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
             await self._relay(request, up, outcome)
