@@ -27,6 +27,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PERMISSION = re.compile(r"[A-Za-z0-9._:*-]{1,128}")
 _WORKSPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# A tool-name pattern: visible ASCII without spaces, as MCP tool names are (fnmatch's * ? [ ] too).
+_TOOL_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
 T = TypeVar("T")
 
@@ -122,6 +124,9 @@ class Role:
     name: str
     description: str
     permissions: frozenset[str]
+    # fnmatch patterns of the MCP tools a key with this role may see and call; None: every tool
+    # (docs/reference/config.md, [roles.NAME]).
+    tools: tuple[str, ...] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,6 +146,26 @@ class Settings:
     @property
     def database_path(self) -> Path:
         return self.data_dir / "sidecar.db"
+
+    @property
+    def tool_policy_configured(self) -> bool:
+        """Whether any role restricts tools; if none does, every key may call every tool."""
+        return any(role.tools is not None for role in self.roles.values())
+
+    def tool_patterns_for(self, roles: tuple[str, ...] | list[str]) -> tuple[str, ...] | None:
+        """The union of the roles' tool patterns; None when one of them allows every tool
+        (docs/reference/config.md, [roles.NAME]). Unknown roles grant nothing."""
+        if not self.tool_policy_configured:
+            return None
+        patterns: set[str] = set()
+        for name in roles:
+            role = self.roles.get(name)
+            if role is None:
+                continue
+            if role.tools is None:
+                return None
+            patterns.update(role.tools)
+        return tuple(sorted(patterns))
 
     def permissions_for(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
         """The union of the roles' permissions (docs/reference/keys.md); unknown roles grant nothing."""
@@ -457,6 +482,13 @@ def _load_roles(table: Mapping[str, Any]) -> Mapping[str, Role]:
         for index, perm in enumerate(permissions):
             if not _PERMISSION.fullmatch(perm):
                 raise SettingsError(f"{key}.permissions[{index}]", f"not a permission name: {perm!r}")
+        tools: tuple[str, ...] | None = None
+        if "tools" in body:
+            tools = section.strings("tools")
+            for index, pattern in enumerate(tools):
+                if not _TOOL_PATTERN.fullmatch(pattern):
+                    raise SettingsError(f"{key}.tools[{index}]",
+                                        f"a tool pattern is 1-128 visible ASCII characters, got {pattern!r}")
         section.reject_unknown()
-        roles[name] = Role(name, description, frozenset(permissions))
+        roles[name] = Role(name, description, frozenset(permissions), tools)
     return roles
