@@ -132,7 +132,8 @@ def build_example_server() -> MCPServer:
     return server
 
 
-def build_example_app(server: MCPServer | None = None, *, stateless: bool = False) -> Starlette:
+def build_example_app(server: MCPServer | None = None, *, stateless: bool = False,
+                      json_response: bool = False) -> Starlette:
     """The Starlette ASGI app serving ``server`` (default: a new example server) at ``/mcp``.
 
     Each call needs a fresh ``MCPServer``: the app's lifespan runs the SDK's session
@@ -142,8 +143,8 @@ def build_example_app(server: MCPServer | None = None, *, stateless: bool = Fals
     return srv.streamable_http_app(
         streamable_http_path=MCP_PATH,
         stateless_http=stateless,
-        # SSE responses, so progress notifications stream while a tool runs.
-        json_response=False,
+        # SSE responses by default, so progress notifications stream while a tool runs.
+        json_response=json_response,
         transport_security=TransportSecuritySettings(
             enable_dns_rebinding_protection=True,
             allowed_hosts=list(ALLOWED_HOSTS),
@@ -174,6 +175,7 @@ class ExampleServerHandle:
         *,
         stateless: bool = False,
         server: MCPServer | None = None,
+        json_response: bool = False,
         shutdown_timeout: int = 3,
     ) -> None:
         self.host = host
@@ -181,6 +183,7 @@ class ExampleServerHandle:
         self.port = port
         self.stateless = stateless
         self._mcp_server = server
+        self._json_response = json_response
         self._shutdown_timeout = shutdown_timeout
         self._uvicorn: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
@@ -204,7 +207,7 @@ class ExampleServerHandle:
         """Start serving; returns once the socket is listening (and the lifespan has run)."""
         if self._task is not None:
             raise RuntimeError("example server already started")
-        app = build_example_app(self._mcp_server, stateless=self.stateless)
+        app = build_example_app(self._mcp_server, stateless=self.stateless, json_response=self._json_response)
         config = uvicorn.Config(
             app,
             host=self.host,

@@ -9,6 +9,8 @@
     ├── StoreUnavailable          503 + Retry-After: the key store cannot be read
     ├── ProxyError                the proxy's own refusals and upstream failures
     │                             (400 / 403 / 413 / 502 / 503 / 504)
+    ├── JsonRpcRefusal            an MCP request refused in JSON-RPC terms: 400 with a JSON-RPC
+    │                             error object (e.g. -32020, routing headers that disagree)
     └── ApiError                  admin API: {"error": code, "message": text, "field": name};
                                   the key domain's own refusals (sidecar.keys.errors) become
                                   ApiErrors at the admin API's boundary (422 / 404 / 409)
@@ -136,6 +138,23 @@ class ProxyError(SidecarError):
         self.status = status
         self.code = code
         self.close = close
+
+
+class JsonRpcRefusal(SidecarError):
+    """A refusal an MCP client reads as a JSON-RPC error for its request (MCP 2026-07-28,
+    "Routing headers": a header that disagrees with the body is HTTP 400 with code -32020)."""
+
+    code = "invalid_request"
+
+    def __init__(self, status: int, rpc_code: int, description: str, request_id: Any = None) -> None:
+        super().__init__(description)
+        self.status = status
+        self.rpc_code = rpc_code
+        self.request_id = request_id
+
+    def body(self) -> dict[str, Any]:
+        return {"jsonrpc": "2.0", "id": self.request_id,
+                "error": {"code": self.rpc_code, "message": self.description}}
 
 
 class ApiError(SidecarError):

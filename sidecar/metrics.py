@@ -85,6 +85,12 @@ class Metrics:
             registry=registry)
         self.upstream_errors = Counter(
             PREFIX + "upstream_errors", "Upstream failures by kind.", ("kind",), registry=registry)
+        self.tool_calls = Counter(
+            PREFIX + "tool_calls", "MCP tools/call requests by tool policy outcome (allowed, denied).",
+            ("outcome",), registry=registry)
+        self.tool_lists_filtered = Counter(
+            PREFIX + "tool_lists_filtered", "tools/list results filtered for a key's tool policy.",
+            registry=registry)
         self.build_info = Info(PREFIX + "build", "Build information.", registry=registry)
         try:
             version = metadata.version("toolio-sidecar")
@@ -93,7 +99,8 @@ class Metrics:
         self.build_info.info({"version": version})
 
         self._failure_children = {r: self.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
-        for kind in ("unreachable", "timeout", "reset", "pool_exhausted", "body_too_large"):
+        self.tool_call_outcomes = {o: self.tool_calls.labels(o) for o in ("allowed", "denied")}
+        for kind in ("unreachable", "timeout", "reset", "pool_exhausted", "body_too_large", "unfilterable"):
             self.upstream_errors.labels(kind)
         for status in ("enabled", "disabled"):
             self.keys.labels(status)

@@ -6,6 +6,7 @@ import json
 import re
 from dataclasses import dataclass
 
+from sidecar.gate.tools import ToolPolicy, policy_for
 from sidecar.keys.records import KeyRecord
 from sidecar.settings import Settings
 
@@ -24,6 +25,7 @@ class Principal:
     permissions: tuple[str, ...]    # sorted union of the roles' permissions (docs/reference/keys.md)
     deadline: float | None          # epoch seconds: expiry or scheduled disable
     revision: int                   # the store revision of the record it was made from
+    tools: ToolPolicy | None        # the MCP tools it may see and call; None: every tool
     # Pre-rendered once per cache fill so that a cache hit does no formatting work.
     roles_header: str
     permissions_header: str
@@ -40,7 +42,9 @@ class Principal:
              "name": record.name, "ws": record.workspace, "roles": list(roles), "perms": list(perms)},
             separators=(",", ":"),
         )[:-1]
+        patterns = settings.tool_patterns_for(roles)
         return cls(
+            tools=policy_for(patterns) if patterns is not None else None,
             key_id=record.id, lookup_id=record.lookup_id, name=record.name, workspace=record.workspace,
             roles=roles, permissions=perms, deadline=record.deadline(), revision=record.revision,
             roles_header=",".join(roles), permissions_header=",".join(perms), claims_prefix=claims_prefix,

@@ -23,6 +23,7 @@ from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.gate.principal import Principal
 from sidecar.gate.sessions import SessionBindings
+from sidecar.gate.tools import ToolPolicy
 from sidecar.http.client import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
 from sidecar.http.server import BodyError, Request
 from sidecar.http.wire import reason_phrase
@@ -30,6 +31,15 @@ from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.proxy.assertion import Signer
 from sidecar.proxy.headers import request_head, response_headers, upstream_header_lines
+from sidecar.proxy.mcp import (
+    MAX_FILTERED_BYTES,
+    NOTHING,
+    AnswerFilter,
+    Inspection,
+    McpGate,
+    ToolCallRecorder,
+    UnfilterableAnswer,
+)
 from sidecar.proxy.streams import StreamRegistry
 from sidecar.settings import ProxySettings
 
@@ -51,6 +61,19 @@ def send_error(request: Request, exc: SidecarError, *, close: bool = False) -> N
     """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors)."""
     status, fields, body = exc.render()
     request.respond(status, reason_phrase(status), fields, body, close=close or exc.close)
+
+
+def _is_json(content_type: str) -> bool:
+    # application/json and structured +json types (RFC 6839 3.1).
+    return content_type == "application/json" or content_type.endswith("+json")
+
+
+# Validators describe the upstream's bytes; a filtered answer is other bytes (RFC 9110 8.8).
+_VALIDATORS = frozenset({"etag", "last-modified", "content-md5", "digest", "content-digest", "repr-digest"})
+
+
+def _without_validators(fields: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(name, value) for name, value in fields if name.lower() not in _VALIDATORS]
 
 
 class _BodyTooLarge(Exception):
@@ -75,12 +98,14 @@ def _body_too_large(limit: int) -> ProxyError:
 class _Outcome:
     status: int = 0
     bytes_out: int = 0
+    mcp: Inspection = NOTHING
 
 
 class ProxyHandler:
     def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
                  pool: UpstreamPool, metrics: Metrics, log: JsonLog,
-                 streams: StreamRegistry, bindings: SessionBindings) -> None:
+                 streams: StreamRegistry, bindings: SessionBindings,
+                 activity: ToolCallRecorder | None = None) -> None:
         self._settings = settings
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = authenticator
@@ -91,6 +116,7 @@ class ProxyHandler:
         self._streams = streams
         self._bindings = bindings
         self._head_timeout = settings.upstream_timeout_seconds
+        self._mcp = McpGate(metrics, activity)
 
     def client_address(self, request: ClientRequest) -> str:
         return client_address(request, self._trusted)
@@ -116,11 +142,14 @@ class ProxyHandler:
             status = outcome.status or 499  # 499: the client went away before an answer
             self._metrics.count_request(status, request.method)
             headers = request.headers
+            mcp = outcome.mcp
             self._log.access(
                 key_id=principal.key_id if principal else None,
                 key_name=principal.name if principal else None,
                 client=request.remote, method=request.method, path=request.path,
-                mcp_method=headers.get("Mcp-Method"), mcp_name=headers.get("Mcp-Name"), status=status,
+                # What the body said (both protocol eras); the routing headers only where it was not read.
+                mcp_method=mcp.mcp_method if mcp.message else headers.get("Mcp-Method"),
+                mcp_name=mcp.mcp_name if mcp.message else headers.get("Mcp-Name"), status=status,
                 duration_ms=(time.perf_counter() - started) * 1000, bytes_in=request.content_length,
                 bytes_out=outcome.bytes_out)
 
@@ -203,6 +232,10 @@ class ProxyHandler:
         )
         too_large = False
         malformed = False
+        policy = principal.tools
+        # A streamed POST body of a key without a tool policy is kept as it passes, so that its
+        # tools/call is still recorded (bounded by max_body_bytes, like the body itself).
+        kept: list[bytes] | None = [] if request.method == "POST" else None
 
         async def body() -> AsyncIterator[bytes]:
             nonlocal too_large, malformed
@@ -214,7 +247,13 @@ class ProxyHandler:
                     if total > limit:
                         too_large = True
                         raise _BodyTooLarge()
+                    if kept is not None:
+                        kept.append(chunk)
                     yield chunk
+                if kept is not None:
+                    outcome.mcp = self._mcp.note_streamed(
+                        headers=request.headers, body=b"".join(kept), principal=principal,
+                        client=self.client_address(request))
             except BodyError:
                 # The client's body broke its own framing (RFC 9112 7.1): the upstream request is
                 # aborted mid-body, and the client is told 400, not that the upstream failed.
@@ -228,31 +267,40 @@ class ProxyHandler:
             data = None
             # RFC 9110 8.6: a method that usually has content says "none" with a zero length.
             framing = "Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""
-        elif length is not None and length <= SMALL_BODY:
+        elif (length is not None and length <= SMALL_BODY) or policy is not None:
             # A small body with a declared length is one complete JSON-RPC message already in
             # the socket buffer: relaying it in one piece (head and body in one write) saves the
             # per-chunk machinery (bench/RESULTS.md: body streaming is ~17% of a bare proxy's cost).
             # Anything chunked, larger, or without a length streams chunk by chunk.
             # Usually the whole body came with the head: take it without a wait.
+            # A key with a tool policy has every body read before anything is forwarded, whatever
+            # its size or framing (up to max_body_bytes): a call that could not be checked is not sent.
             if request.body_complete:
                 data = request.take_body()
             else:
-                try:
-                    # Bounded like a streamed body is (by the upstream head deadline): a client that
-                    # stops sending mid-body must not hold the connection and handler for good.
-                    async with asyncio.timeout(self._head_timeout):
-                        data = await request.read_body()
-                except BodyError:
-                    raise _malformed_body() from None
-                except TimeoutError:
-                    raise ProxyError(408, "request_timeout", "The request body did not arrive in time",
-                                     close=True) from None
-            if len(data) != length:
+                data = await self._read_whole_body(request)
+            if length is not None and len(data) != length:
                 raise _malformed_body()
-            framing = f"Content-Length: {length}\r\n"
+            framing = f"Content-Length: {len(data)}\r\n"
         else:
             data = body()
             framing = "Transfer-Encoding: chunked\r\n" if length is None else f"Content-Length: {length}\r\n"
+        inspection = self._mcp.inspect(method=method, headers=request.headers,
+                                       body=data if isinstance(data, bytes) else None,
+                                       principal=principal, client=self.client_address(request))
+        outcome.mcp = inspection
+        answer = inspection.answer
+        if answer is not None:
+            # A tools/call this key may not make: answered here, never forwarded.
+            outcome.status = answer.status
+            outcome.bytes_out = len(answer.body)
+            request.respond(answer.status, reason_phrase(answer.status), answer.fields, answer.body)
+            return
+        if policy is not None:
+            # A tool list is filtered as JSON; an upstream must not compress it out of reach
+            # (RFC 9110 12.5.3: "identity" asks for no content coding).
+            fields = [(n, v) for n, v in fields if n.lower() != "accept-encoding"]
+            fields.append(("Accept-Encoding", "identity"))
         head = request_head(method, target, pool.authority, fields, framing)
         up: UpstreamResponse | None = None
         try:
@@ -277,7 +325,7 @@ class ProxyHandler:
                     raise StoreUnavailable() from None
                 if owner != principal.key_id:
                     raise ProxyError(403, "session_forbidden", "This MCP session belongs to another key")
-            await self._relay(request, up, outcome)
+            await self._relay(request, up, outcome, inspection.filter)
         except asyncio.CancelledError:
             if task in self._streams.cut_tasks:
                 # The key was disabled: close the client connection, not just this response.
@@ -304,13 +352,77 @@ class ProxyHandler:
         self._metrics.upstream_errors.labels("unreachable").inc()
         return ProxyError(502, "upstream_unreachable", "The MCP server is unreachable")
 
+    def _unfilterable(self) -> ProxyError:
+        self._metrics.upstream_errors.labels("unfilterable").inc()
+        return ProxyError(502, "upstream_unfilterable",
+                          "The MCP server's answer is too large to filter for this key")
+
+    async def _read_bounded(self, up: UpstreamResponse) -> bytes:
+        parts: list[bytes] = []
+        total = 0
+        async for chunk in up.iter_chunks():
+            total += len(chunk)
+            if total > MAX_FILTERED_BYTES:
+                raise self._unfilterable()
+            parts.append(chunk)
+        return b"".join(parts)
+
     def _too_large(self) -> ProxyError:
         self._metrics.upstream_errors.labels("body_too_large").inc()
         return _body_too_large(self._settings.max_body_bytes)
 
-    async def _relay(self, request: Request, up: UpstreamResponse, outcome: _Outcome) -> None:
+    async def _read_whole_body(self, request: Request) -> bytes:
+        """The request body in one piece, bounded in size (max_body_bytes) and in time like a
+        streamed body is (by the upstream head deadline): a client that stops sending mid-body
+        must not hold the connection and handler for good."""
+        limit = self._settings.max_body_bytes
+        parts: list[bytes] = []
+        total = 0
+        try:
+            async with asyncio.timeout(self._head_timeout):
+                async for chunk in request.iter_body():
+                    total += len(chunk)
+                    if total > limit:
+                        raise self._too_large()
+                    parts.append(chunk)
+        except BodyError:
+            raise _malformed_body() from None
+        except TimeoutError:
+            raise ProxyError(408, "request_timeout", "The request body did not arrive in time",
+                             close=True) from None
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _relay(self, request: Request, up: UpstreamResponse, outcome: _Outcome,
+                     policy: ToolPolicy | None) -> None:
         length = up.content_length
         streaming = up.content_type == "text/event-stream"
+        answer_filter: AnswerFilter | None = None
+        if policy is not None and request.method != "HEAD":
+            answer_filter = AnswerFilter(policy, self._metrics)
+            coding = up.header("Content-Encoding")
+            if coding is not None and coding.strip().lower() not in ("", "identity"):
+                self._metrics.upstream_errors.labels("unfilterable").inc()
+                raise ProxyError(502, "upstream_unfilterable",
+                                 "The MCP server's answer is compressed and cannot be filtered for this key")
+            if not streaming and _is_json(up.content_type):
+                # A tool list may be large (any number of tools, split across many reads): the
+                # whole JSON answer is read, within a bound, and filtered before it is sent.
+                if length is not None and length > MAX_FILTERED_BYTES:
+                    raise self._unfilterable()
+                try:
+                    body = await self._read_bounded(up)
+                except UpstreamError:
+                    self._metrics.upstream_errors.labels("reset").inc()
+                    raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
+                body = answer_filter.json(body)
+                outcome.status = up.status
+                outcome.bytes_out = len(body)
+                request.respond(up.status, up.reason, _without_validators(response_headers(up.headers)), body)
+                return
+            if streaming:
+                length = None  # events may change length: the answer is re-framed (chunked)
+            else:
+                answer_filter = None  # neither JSON nor events: no JSON-RPC answer to filter
         if length is not None and length <= SMALL_BODY and not streaming and request.method != "HEAD":
             # A complete small answer (the common JSON-RPC response): one read, one write of head
             # and body together. SSE and anything large or unbounded streams below.
@@ -324,13 +436,27 @@ class ProxyHandler:
             request.respond(up.status, up.reason, response_headers(up.headers), body)
             return
         outcome.status = up.status
-        if not request.start(up.status, up.reason, response_headers(up.headers), length):
+        fields = response_headers(up.headers)
+        if answer_filter is not None:
+            fields = _without_validators(fields)
+        if not request.start(up.status, up.reason, fields, length):
             return  # HEAD, 204, 304: the head is the whole answer
         if streaming:
             self._metrics.open_streams.inc()
         try:
             try:
                 async for chunk in up.iter_chunks():
+                    if answer_filter is not None:
+                        try:
+                            chunk = answer_filter.feed(chunk)
+                        except UnfilterableAnswer:
+                            # Too late for an error answer: the stream ends rather than carry an
+                            # event that could not be checked.
+                            self._metrics.upstream_errors.labels("unfilterable").inc()
+                            request.abort()
+                            return
+                        if not chunk:
+                            continue
                     outcome.bytes_out += len(chunk)
                     await request.write(chunk)
             except UpstreamError:

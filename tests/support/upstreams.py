@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 from urllib.parse import parse_qsl
 
+from mcp.server import MCPServer
+
 from demo.server import ExampleServerHandle
 from tests.support.raw import LOOPBACK, parse_fields
 
@@ -458,9 +460,12 @@ async def run_echo_upstream() -> AsyncIterator[RecordingUpstream]:
 
 
 @asynccontextmanager
-async def example_upstream(stateless: bool = False) -> AsyncIterator[str]:
-    """Run the example MCP server on a free loopback port; yield its base URL (no path)."""
-    handle = ExampleServerHandle(LOOPBACK, 0, stateless=stateless)
+async def example_upstream(stateless: bool = False, *, server: MCPServer | None = None,
+                           json_response: bool = False) -> AsyncIterator[str]:
+    """Run the example MCP server (or ``server``, an official-SDK server of the test's own) on a
+    free loopback port, answering with events or (``json_response``) plain JSON; yield its base
+    URL (no path)."""
+    handle = ExampleServerHandle(LOOPBACK, 0, stateless=stateless, server=server, json_response=json_response)
     await handle.start()
     try:
         yield handle.base_url
