@@ -484,7 +484,8 @@ def start_nginx(env: Env, name: str, upstream: Target,
     return Target(name, label, port, proc.pid, upstream.port, PROXY_CPU)
 
 
-def start_sidecar(env: Env, cli: list[str], name: str, upstream: Target, label: str, extra: str = "") -> Target:
+def start_sidecar(env: Env, cli: list[str], name: str, upstream: Target, label: str, extra: str = "",
+                  role: str = "") -> Target:
     port, admin_port = free_port(), free_port()
     data = env.tmp / f"{name}-data"
     data.mkdir()
@@ -496,7 +497,7 @@ def start_sidecar(env: Env, cli: list[str], name: str, upstream: Target, label: 
             f'[proxy]\nlisten = "{HOST}:{port}"\nupstream = "http://{HOST}:{upstream.port}"\n{pool}\n'
             f'[admin]\nlisten = "{HOST}:{admin_port}"\n\n'
             '[roles.viewer]\ndescription = "bench"\npermissions = ["plans:read"]\n'
-            f"{extra}"
+            f"{role}{extra}"
         )
 
     def create_key() -> subprocess.CompletedProcess[str]:
@@ -1065,6 +1066,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         env, cli, "sidecar-pg", up, "toolio-sidecar on the PostgreSQL store (cache hit)",
                         extra=f'\n[store]\nurl = "{pg_url}"\n',
                     )
+                # The same sidecar with a tool policy: every body read, the call checked against
+                # the key's patterns (the benchmark's tools/call is allowed), its audit event queued.
+                env.targets["sidecar-tools"] = start_sidecar(
+                    env, cli, "sidecar-tools", up, "toolio-sidecar with tool patterns (10) on the key's role",
+                    role='tools = ["get_*", "search_*", "list_*", "describe_*", "whoami", "add", "echo", '
+                         '"plans", "plan_[0-9]*", "report_?"]\n',
+                )
                 # The same sidecar signing with HS256: what ES256 (the default) costs per request.
                 env.targets["sidecar-hs256"] = start_sidecar(
                     env, cli, "sidecar-hs256", up, "toolio-sidecar, HS256 assertion instead of ES256",
@@ -1072,7 +1080,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             env.targets["nginx"] = start_nginx(env, "nginx", up)
             env.targets["bare"] = start_bare(env, "bare", up, "bare aiohttp pass-through proxy")
-            names: list[str] = [n for n in ("direct", "nginx", "bare", "sidecar", "sidecar-pg", "sidecar-hs256")
+            names: list[str] = [n for n in ("direct", "nginx", "bare", "sidecar", "sidecar-tools", "sidecar-pg",
+                                            "sidecar-hs256")
                                 if n in env.targets]
             mcp_names: list[str] = []
             if not args.no_mcp:
