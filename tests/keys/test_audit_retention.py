@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from sidecar.keys.records import AuditRecord, KeyRecord, ToolUsage, utcnow
-from sidecar.keys.store.base import KeyStore
 from sidecar.keys.store import postgres, sqlite
+from sidecar.keys.store.base import KeyStore
 from sidecar.keys.store.postgres import PostgresKeyStore
 from sidecar.keys.store.sqlite import SQLiteKeyStore, _split_sql
 from tests.support.postgres import fresh_schema
@@ -65,8 +65,8 @@ class RawDatabase:
             finally:
                 await con.close()
         else:
-            with sqlite3.connect(self.path) as con:
-                con.execute(sql)
+            with sqlite3.connect(self.path) as file:
+                file.execute(sql)
 
     async def refused(self, sql: str) -> str:
         """The database's refusal of ``sql`` (fails when it is accepted)."""
