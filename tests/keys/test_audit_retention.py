@@ -5,6 +5,7 @@ filters and a key's tool activity read through indexes."""
 
 from __future__ import annotations
 
+import asyncio
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
@@ -144,6 +145,27 @@ async def test_prune_removes_the_oldest_first(store: KeyStore) -> None:
     await store.append_audit([event(f"age.{n}", age_days=n) for n in (30, 20, 10)])
     assert await store.prune_audit(days_ago(5), 1) == 1
     assert {e.action for e in await everything(store)} == {"age.20", "age.10"}
+
+
+async def test_replicas_pruning_at_once_delete_each_event_once(store: KeyStore, backend_url: str,
+                                                             db_path: Path) -> None:
+    await store.append_audit([event("expired", age_days=100 + n) for n in range(30)] + [event("kept")])
+    others = [PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(db_path) for _ in range(2)]
+    for other in others:
+        await other.open()
+    try:
+        async def drain(s: KeyStore) -> int:
+            total = 0
+            while deleted := await s.prune_audit(days_ago(90), 4):
+                total += deleted
+            return total
+
+        counts = await asyncio.gather(drain(store), *(drain(other) for other in others))
+    finally:
+        for other in others:
+            await other.close()
+    assert sum(counts) == 30
+    assert [e.action for e in await everything(store)] == ["kept"]
 
 
 async def test_prune_never_asks_for_an_event_younger_than_a_day(store: KeyStore) -> None:
