@@ -398,11 +398,17 @@ class SQLiteKeyStore(KeyStore):
     async def prune_audit(self, older_than: datetime, batch: int) -> int:
         # MIN(...): never ask for a row the audit_no_delete_recent trigger keeps, which would
         # refuse the whole batch.
+        due = "time < MIN(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))"
+        cutoff = to_rfc3339(older_than)
+        # Nothing due (the usual hourly case): no write transaction, so the file's write lock is
+        # not taken from the CLI or another process for nothing.
+        async with self.db.execute(f"SELECT 1 FROM audit_events WHERE {due} LIMIT 1", (cutoff,)) as cur:
+            if await cur.fetchone() is None:
+                return 0
         async with self._write():
             cur = await self.db.execute(
-                "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE time < "
-                "MIN(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')) ORDER BY time LIMIT ?)",
-                (to_rfc3339(older_than), batch))
+                f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE {due} "
+                "ORDER BY time LIMIT ?)", (cutoff, batch))
             return int(cur.rowcount)
 
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
