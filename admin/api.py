@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Collection
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -19,8 +19,9 @@ from aiohttp import web
 from admin.access import Access
 from admin.openapi import openapi_document
 from sidecar.errors import ApiError
+from sidecar.keys.audit import TOOL_CALLED
 from sidecar.keys.manager import key_json
-from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339
+from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
 from sidecar.runtime.services import Services
 from sidecar.runtime.web import json_response
 
@@ -30,6 +31,12 @@ AUDIT_MAX_LIMIT = 500
 # A query integer is ASCII digits only: str.isdigit() and int() also accept "²" or "١٢". At most
 # 18 digits, so every accepted value fits SQLite's 64-bit integers.
 _QUERY_INT = re.compile(r"[0-9]{1,18}")
+# Audit actions are dotted lower-case words (docs/reference/admin-api.md, Audit events).
+_ACTION = re.compile(r"[a-z._]{1,64}")
+# Key ids are "key_" + base62 (sidecar.keys.manager.new_key_id); the same rule as the CLI's.
+_KEY_ID = re.compile(r"[A-Za-z0-9_-]{1,128}")
+ACTIVITY_RECENT = 50
+ACTIVITY_WINDOW = timedelta(hours=24)
 
 
 async def read_object(request: web.Request, allowed: Collection[str], *, empty_ok: bool = False) -> dict[str, Any]:
@@ -73,6 +80,15 @@ def _query_int(request: web.Request, name: str, default: int | None, minimum: in
     return value
 
 
+def _query_text(request: web.Request, name: str, rule: re.Pattern[str], expected: str) -> str | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    if not rule.fullmatch(text):
+        raise ApiError(400, "invalid_parameter", f"{name} must be {expected}", name)
+    return text
+
+
 class KeyApi:
     def __init__(self, services: Services, access: Access) -> None:
         self._services = services
@@ -87,6 +103,7 @@ class KeyApi:
         router.add_post(f"{API}/keys/{{id}}/disable", self.disable_key)
         router.add_post(f"{API}/keys/{{id}}/enable", self.enable_key)
         router.add_post(f"{API}/keys/{{id}}/rotate", self.rotate_key)
+        router.add_get(f"{API}/keys/{{id}}/activity", self.key_activity, allow_head=False)
         router.add_get(f"{API}/roles", self.list_roles, allow_head=False)
         router.add_get(f"{API}/audit", self.list_audit, allow_head=False)
         router.add_get(f"{API}/openapi.json", self.openapi, allow_head=False)
@@ -155,7 +172,9 @@ class KeyApi:
 
     async def list_roles(self, request: web.Request) -> web.Response:
         await self._access.caller(request)
-        roles = [{"name": role.name, "description": role.description, "permissions": sorted(role.permissions)}
+        # tools: the role's tool-name patterns; null means every tool (docs/reference/config.md).
+        roles = [{"name": role.name, "description": role.description, "permissions": sorted(role.permissions),
+                  "tools": None if role.tools is None else list(role.tools)}
                  for role in sorted(self._settings.roles.values(), key=lambda r: r.name)]
         return json_response(200, {"roles": roles})
 
@@ -163,12 +182,24 @@ class KeyApi:
         await self._access.caller(request)
         limit = _query_int(request, "limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)
         before = _query_int(request, "before", None, 1)
+        action = _query_text(request, "action", _ACTION, "1-64 characters of a-z . _")
+        key_id = _query_text(request, "key_id", _KEY_ID, "a key id (key_...)")
         assert limit is not None
-        events = await self._services.store.list_audit(self._settings.workspace, limit, before)
+        events = await self._services.store.list_audit(self._settings.workspace, limit, before,
+                                                       action=action, key_id=key_id)
         rows = [e.as_json() for e in events]
         # Keyset pagination: pass next_before as ?before= for the page after this one.
         next_before = rows[-1]["id"] if len(rows) == limit else None
         return json_response(200, {"events": rows, "next_before": next_before})
+
+    async def key_activity(self, request: web.Request) -> web.Response:
+        await self._access.caller(request)
+        record = await self._services.keys.get(request.match_info["id"])  # 404 unless in this workspace
+        store, workspace = self._services.store, self._settings.workspace
+        recent = await store.list_audit(workspace, ACTIVITY_RECENT, None, action=TOOL_CALLED, key_id=record.id)
+        tools = await store.tool_activity(workspace, record.id, utcnow() - ACTIVITY_WINDOW)
+        return json_response(200, {"key_id": record.id, "recent": [e.as_json() for e in recent],
+                                   "tools_24h": [t.as_json() for t in tools]})
 
     async def openapi(self, request: web.Request) -> web.Response:
         await self._access.caller(request)

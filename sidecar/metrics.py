@@ -83,6 +83,9 @@ class Metrics:
         self.audit_write_failures = Counter(
             PREFIX + "audit_write_failures", "Audit events that could not be written to the store.",
             registry=registry)
+        self.audit_events_dropped = Counter(
+            PREFIX + "audit_events_dropped",
+            "Audit events dropped unwritten because the in-memory queue was full.", registry=registry)
         self.upstream_errors = Counter(
             PREFIX + "upstream_errors", "Upstream failures by kind.", ("kind",), registry=registry)
         self.tool_calls = Counter(

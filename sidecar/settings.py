@@ -120,6 +120,13 @@ class StoreSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSettings:
+    """How long audit events are kept (docs/operations.md, Audit retention)."""
+
+    retention_days: int = 90
+
+
+@dataclass(frozen=True, slots=True)
 class Role:
     name: str
     description: str
@@ -141,6 +148,7 @@ class Settings:
     admin: AdminSettings = AdminSettings()
     signing: SigningSettings = SigningSettings()
     store: StoreSettings = StoreSettings()
+    audit: AuditSettings = AuditSettings()
     roles: Mapping[str, Role] = field(default_factory=dict)
 
     @property
@@ -317,6 +325,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     admin = _load_admin(_Section(top.table("admin"), "admin."))
     signing = _load_signing(_Section(top.table("signing"), "signing."), environ, base_dir)
     store = _load_store(_Section(top.table("store"), "store."), environ)
+    audit = _load_audit(_Section(top.table("audit"), "audit."))
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
@@ -324,7 +333,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
-                    admin=admin, signing=signing, store=store, roles=roles)
+                    admin=admin, signing=signing, store=store, audit=audit, roles=roles)
 
 
 def _clash(a: ListenAddress, b: ListenAddress) -> bool:
@@ -455,6 +464,14 @@ def _load_store(s: _Section, environ: Mapping[str, str]) -> StoreSettings:
         max_staleness_seconds=s.number("max_staleness_seconds", 5.0, minimum=0.5, maximum=3600),
         pool_size=s.integer("pool_size", 10, minimum=1, maximum=1000),
     )
+    s.reject_unknown()
+    return result
+
+
+def _load_audit(s: _Section) -> AuditSettings:
+    # At least one day: the database refuses to delete an audit row younger than that
+    # (docs/operations.md, Audit retention).
+    result = AuditSettings(retention_days=s.integer("retention_days", 90, minimum=1, maximum=36_500))
     s.reject_unknown()
     return result
 

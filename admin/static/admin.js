@@ -10,7 +10,7 @@
 
 (() => {
   const $ = (id) => document.getElementById(id);
-  const state = { csrf: null, actor: null, keys: [], roles: [], auditBefore: null };
+  const state = { csrf: null, actor: null, keys: [], roles: [], auditBefore: null, activityKey: null };
 
   // ---- API ---------------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@
     state.csrf = null;
     state.actor = null;
     closeMenu(false);
-    for (const id of ["add-dialog", "key-dialog"]) {
+    for (const id of ["add-dialog", "key-dialog", "activity-dialog"]) {
       const dialog = $(id);
       if (dialog.open) dialog.close();
     }
@@ -165,12 +165,13 @@
     state.keys = [];
     $("keys-body").replaceChildren();
     $("audit-body").replaceChildren();
+    $("roles-body").replaceChildren();
     showLogin("You have signed out.");
   }
 
   // ---- tabs (WAI-ARIA tabs pattern) ---------------------------------------------------------
 
-  const TABS = ["keys", "audit"];
+  const TABS = ["keys", "audit", "roles"];
 
   function selectTab(name, focus) {
     for (const tab of TABS) {
@@ -181,7 +182,10 @@
       $(`panel-${tab}`).hidden = !selected;
     }
     if (focus) $(`tab-${name}`).focus();
-    if (name === "audit") loadAudit(true);
+    if (name === "audit") {
+      fillKeyFilter();
+      loadAudit(true);
+    }
   }
 
   function tabKeydown(event) {
@@ -215,13 +219,34 @@
       const select = $("key-roles");
       select.replaceChildren(...state.roles.map((role) => el("option", {
         value: role.name,
-        title: role.permissions.join(", "),
+        title: `Permissions: ${role.permissions.join(", ") || "none"}. Tools: ${toolsText(role.tools)}.`,
         text: role.description ? `${role.name} — ${role.description}` : role.name,
       })));
       select.size = Math.min(Math.max(state.roles.length, 2), 6);
+      $("roles-body").replaceChildren(...state.roles.map(roleRow));
     } catch (err) {
       if (err.status !== 401) showAlert($("app-error"), err.message);
     }
+  }
+
+  // A role's tools: null allows every tool, [] none (docs/reference/config.md, [roles.NAME]).
+  function toolsText(tools) {
+    if (tools === null || tools === undefined) return "all tools";
+    return tools.length ? tools.join(", ") : "none";
+  }
+
+  function roleRow(role) {
+    const list = (items, cls) => items.map((item) => el("span", { class: cls, text: item }));
+    let tools;
+    if (role.tools === null || role.tools === undefined) tools = el("td", { class: "muted", text: "All tools" });
+    else if (role.tools.length === 0) tools = el("td", { class: "muted", text: "No tools" });
+    else tools = el("td", { "aria-label": `Tool patterns: ${role.tools.join(", ")}` }, ...list(role.tools, "pill pill-pattern"));
+    return el("tr", {},
+      el("th", { scope: "row", class: "key-name", text: role.name }),
+      el("td", { text: role.description || "—" }),
+      role.permissions.length ? el("td", {}, ...list(role.permissions, "pill")) : el("td", { class: "muted", text: "None" }),
+      tools,
+    );
   }
 
   function statusBadge(status) {
@@ -336,7 +361,19 @@
       closeMenu(true);
       setStatus(keyId, action);
     });
-    menu.replaceChildren(el("div", { class: "menu-label", "aria-hidden": "true", text: key.name }), item);
+    const activity = el("button", {
+      type: "button",
+      role: "menuitem",
+      tabindex: "-1",
+      class: "menu-item menu-item-activity",
+      text: "Activity",
+    });
+    activity.addEventListener("click", () => {
+      const returnTo = invoker.closest("tr") || invoker;
+      closeMenu(false);
+      openActivity(keyId, returnTo);
+    });
+    menu.replaceChildren(el("div", { class: "menu-label", "aria-hidden": "true", text: key.name }), item, activity);
     menu.setAttribute("aria-label", `Actions for ${key.name}`);
     menu.hidden = false;
     // Keep the menu inside the viewport.
@@ -508,14 +545,25 @@
     "key.disabled": "Key disabled",
     "key.enabled": "Key enabled",
     "key.rotated": "Key rotated",
+    "key.expired": "Key expired",
     "admin.login": "Signed in",
     "admin.login_failed": "Sign-in failed",
     "admin.logout": "Signed out",
     "auth.failed": "Authentication failed",
+    "tool.called": "Tool called",
   };
 
+  function auditDetails(event) {
+    const details = event.details || {};
+    if (event.action === "tool.called") return `${details.tool} · ${details.outcome}`;
+    if (event.action === "auth.failed" && details.count) return `${details.count} attempt${details.count === 1 ? "" : "s"}`;
+    return "";
+  }
+
   function auditRow(event) {
-    const tone = event.action.endsWith("failed") ? "warn" : event.action === "key.disabled" ? "off" : "ok";
+    const denied = event.action === "tool.called" && event.details && event.details.outcome === "denied";
+    const tone = event.action.endsWith("failed") || denied ? "warn" : event.action === "key.disabled" ? "off" : "ok";
+    const details = auditDetails(event);
     return el("tr", {},
       timeCell(event.time, (iso) => timeFormat.format(new Date(iso)), "—"),
       el("td", {}, el("span", { class: `action action-${tone}`, title: event.action },
@@ -524,13 +572,34 @@
       event.key_name ? el("td", {}, el("span", { class: "key-name", text: event.key_name }))
         : el("td", { class: "muted", text: "—" }),
       el("td", { class: "mono muted", text: event.client || "—" }),
+      el("td", { class: "details", text: details || "—" }),
     );
+  }
+
+  function fillActionFilter() {
+    const select = $("audit-action");
+    select.replaceChildren(el("option", { value: "", text: "All actions" }),
+      ...Object.entries(ACTION_LABELS).map(([action, label]) => el("option", { value: action, text: label })));
+  }
+
+  // The key filter lists the keys of the table; a key picked before stays picked.
+  function fillKeyFilter() {
+    const select = $("audit-key");
+    const current = select.value;
+    const keys = [...state.keys].sort((a, b) => a.name.localeCompare(b.name));
+    select.replaceChildren(el("option", { value: "", text: "All keys" }),
+      ...keys.map((key) => el("option", { value: key.id, text: key.name })));
+    select.value = keys.some((key) => key.id === current) ? current : "";
   }
 
   async function loadAudit(fresh) {
     if (fresh) state.auditBefore = null;
     const query = new URLSearchParams({ limit: String(AUDIT_PAGE) });
     if (state.auditBefore) query.set("before", String(state.auditBefore));
+    const action = $("audit-action").value;
+    const keyId = $("audit-key").value;
+    if (action) query.set("action", action);
+    if (keyId) query.set("key_id", keyId);
     try {
       const data = await api("GET", `audit?${query}`);
       const rows = data.events.map(auditRow);
@@ -538,10 +607,97 @@
       else $("audit-body").append(...rows);
       state.auditBefore = data.next_before;
       $("audit-more").hidden = !data.next_before;
-      $("audit-empty").hidden = $("audit-body").children.length > 0;
+      const count = $("audit-body").children.length;
+      $("audit-empty").hidden = count > 0;
+      $("audit-table").hidden = count === 0;
+      if (fresh && (action || keyId)) announce(count ? `${count}${data.next_before ? "+" : ""} matching events.` : "No matching events.");
     } catch (err) {
       if (err.status !== 401) showAlert($("app-error"), err.message);
     }
+  }
+
+  // ---- a key's activity (its MCP tool calls) -------------------------------------------------
+
+  let activityReturn = null;
+
+  function outcomeBadge(outcome) {
+    const allowed = outcome === "allowed";
+    return el("span", { class: `badge badge-${allowed ? "allowed" : "denied"}` },
+      el("span", { class: "dot", "aria-hidden": "true" }), allowed ? "Allowed" : "Denied");
+  }
+
+  async function openActivity(keyId, returnTo) {
+    const key = state.keys.find((k) => k.id === keyId);
+    if (!key) return;
+    state.activityKey = key;
+    activityReturn = returnTo;
+    $("activity-title").textContent = `Activity of ${key.name}`;
+    $("activity-summary").textContent = "Loading…";
+    $("activity-tools-body").replaceChildren();
+    $("activity-recent-body").replaceChildren();
+    for (const id of ["activity-tools", "activity-recent", "activity-tools-empty", "activity-recent-empty"]) $(id).hidden = true;
+    showAlert($("activity-error"), "");
+    const dialog = $("activity-dialog");
+    if (!dialog.open) dialog.showModal();
+    $("activity-close").focus();
+    try {
+      const data = await api("GET", `keys/${encodeURIComponent(keyId)}/activity`);
+      if (state.activityKey !== key || !dialog.open) return;
+      renderActivity(key, data);
+    } catch (err) {
+      if (err.status !== 401) {
+        $("activity-summary").textContent = "";
+        showAlert($("activity-error"), `Could not load the activity of ${key.name}: ${err.message}`);
+      }
+    }
+  }
+
+  function renderActivity(key, data) {
+    const tools = data.tools_24h.map((usage) => el("tr", {},
+      el("th", { scope: "row", class: "tool", text: usage.tool }),
+      el("td", { class: "num", text: String(usage.allowed) }),
+      el("td", { class: "num", text: String(usage.denied) }),
+    ));
+    $("activity-tools-body").replaceChildren(...tools);
+    $("activity-tools").hidden = tools.length === 0;
+    $("activity-tools-empty").hidden = tools.length > 0;
+    const recent = data.recent.map((event) => el("tr", {},
+      timeCell(event.time, (iso) => timeFormat.format(new Date(iso)), "—"),
+      el("td", { class: "tool", text: event.details.tool }),
+      el("td", {}, outcomeBadge(event.details.outcome)),
+      el("td", { class: "mono muted", text: event.client || "—" }),
+    ));
+    $("activity-recent-body").replaceChildren(...recent);
+    $("activity-recent").hidden = recent.length === 0;
+    $("activity-recent-empty").hidden = recent.length > 0;
+    const calls = data.tools_24h.reduce((sum, usage) => sum + usage.allowed + usage.denied, 0);
+    const denied = data.tools_24h.reduce((sum, usage) => sum + usage.denied, 0);
+    const summary = calls
+      ? `${calls} tool call${calls === 1 ? "" : "s"} in the last 24 hours, ${denied} denied.`
+      : "No tool calls in the last 24 hours.";
+    $("activity-summary").textContent = summary;
+    announce(`Activity of ${key.name}: ${summary}`);
+  }
+
+  function activityClosed() {
+    state.activityKey = null;
+    const target = activityReturn;
+    activityReturn = null;
+    // The row may have been re-rendered meanwhile: focus its current version.
+    const row = target && target.dataset && target.dataset.keyId
+      ? document.querySelector(`tr[data-key-id="${CSS.escape(target.dataset.keyId)}"]`) : target;
+    if (row && row.isConnected) row.focus();
+  }
+
+  function showActivityInAudit() {
+    const key = state.activityKey;
+    activityReturn = null;  // focus goes to the Audit tab, not back to the row
+    $("activity-dialog").close();
+    if (!key) return;
+    fillKeyFilter();
+    $("audit-action").value = "tool.called";
+    $("audit-key").value = key.id;
+    selectTab("audit", true);
   }
 
   // ---- start --------------------------------------------------------------------------------
@@ -561,6 +717,13 @@
     $("key-dialog").addEventListener("close", forgetKey);
     $("audit-refresh").addEventListener("click", () => loadAudit(true));
     $("audit-more").addEventListener("click", () => loadAudit(false));
+    fillActionFilter();
+    $("audit-action").addEventListener("change", () => loadAudit(true));
+    $("audit-key").addEventListener("change", () => loadAudit(true));
+    $("audit-filters").addEventListener("submit", (event) => event.preventDefault());
+    $("activity-close").addEventListener("click", () => $("activity-dialog").close());
+    $("activity-audit").addEventListener("click", showActivityInAudit);
+    $("activity-dialog").addEventListener("close", activityClosed);
     const menu = $("row-menu");
     menu.addEventListener("keydown", menuKeydown);
     document.addEventListener("mousedown", (event) => {

@@ -28,6 +28,7 @@ ADMIN_LOGIN = "admin.login"
 ADMIN_LOGIN_FAILED = "admin.login_failed"
 ADMIN_LOGOUT = "admin.logout"
 AUTH_FAILED = "auth.failed"
+TOOL_CALLED = "tool.called"
 FAILURE_FLUSH_SECONDS = 5.0
 
 

@@ -80,3 +80,15 @@ class AuditRecord:
             "client": self.client,
             "details": dict(self.details),
         }
+
+
+@dataclass(frozen=True, slots=True)
+class ToolUsage:
+    """``tool.called`` events of one key and tool in a time window, by outcome."""
+
+    tool: str
+    allowed: int
+    denied: int
+
+    def as_json(self) -> dict[str, Any]:
+        return {"tool": self.tool, "allowed": self.allowed, "denied": self.denied}

@@ -23,6 +23,7 @@ from sidecar.gate.cache import KeyCache
 from sidecar.gate.peers import ClientRequest
 from sidecar.gate.sessions import SessionBindings
 from sidecar.http.client import UpstreamPool
+from sidecar.keys.activity import FLUSH_SECONDS, ActivityLog
 from sidecar.keys.audit import KEY_EXPIRED, AuditLog
 from sidecar.keys.format import KeyHasher
 from sidecar.keys.manager import KeyManager, run_scheduled_disables
@@ -51,6 +52,7 @@ class Services:
                               settings.auth.negative_cache_ttl_seconds,
                               on_evict=self.metrics.cache_evictions.inc)
         self.audit = AuditLog(self.store, self.log, self.metrics, settings.workspace)
+        self.activity = ActivityLog(self.store, self.log, self.metrics, settings.workspace, settings.audit)
         self.last_used = LastUsed()
         self.streams = StreamRegistry()
         self.bindings = SessionBindings(self.store, settings.proxy.session_binding_max,
@@ -109,6 +111,8 @@ class Services:
                                 name="last-used"),
             asyncio.create_task(self._every(1.0, self._housekeeping), name="housekeeping"),
             asyncio.create_task(self._every(0.5, self._flush_log), name="log-flush"),
+            asyncio.create_task(self._every(FLUSH_SECONDS, self.activity.flush), name="activity-flush"),
+            asyncio.create_task(self.activity.prune_forever(), name="audit-prune"),
         ]
         if self.store.shared and not configured_keys(settings.signing):
             self._tasks.append(asyncio.create_task(
@@ -133,9 +137,12 @@ class Services:
         self.log.flush()
 
     async def flush(self) -> None:
-        """Write what is batched in memory: last-used times and aggregated auth failures."""
+        """Write what is batched in memory: last-used times, aggregated auth failures and
+        ``tool.called`` events."""
         with contextlib.suppress(Exception):
             await self.flush_last_used()
+        with contextlib.suppress(Exception):
+            await self.activity.flush()
         with contextlib.suppress(Exception):
             await self.audit.flush_failures(everything=True)
 

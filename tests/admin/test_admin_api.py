@@ -47,7 +47,8 @@ def _in(days: float) -> str:
 
 @pytest.mark.parametrize(("method", "path"), [
     ("GET", "/keys"), ("POST", "/keys"), ("GET", "/keys/key_x"), ("POST", "/keys/key_x/disable"),
-    ("POST", "/keys/key_x/enable"), ("POST", "/keys/key_x/rotate"), ("GET", "/roles"), ("GET", "/audit"),
+    ("POST", "/keys/key_x/enable"), ("POST", "/keys/key_x/rotate"), ("GET", "/keys/key_x/activity"),
+    ("GET", "/roles"), ("GET", "/audit"),
     ("GET", "/openapi.json"), ("GET", "/session"), ("DELETE", "/session"),
 ])
 async def test_request_without_key_gets_401(tmp_path: Path, method: str, path: str) -> None:
@@ -259,9 +260,10 @@ async def test_roles_come_from_the_config(tmp_path: Path) -> None:
     assert_matches("RoleList", body)
     assert body["roles"] == [
         {"name": "org-admin", "description": "Access organization settings, including API keys",
-         "permissions": ["org:settings"]},
-        {"name": "viewer", "description": "Read planning data", "permissions": ["plans:read"]},
-        {"name": "writer", "description": "Read and change plans", "permissions": ["plans:read", "plans:write"]},
+         "permissions": ["org:settings"], "tools": None},
+        {"name": "viewer", "description": "Read planning data", "permissions": ["plans:read"], "tools": None},
+        {"name": "writer", "description": "Read and change plans", "permissions": ["plans:read", "plans:write"],
+         "tools": None},
     ]
 
 

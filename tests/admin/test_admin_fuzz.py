@@ -18,6 +18,7 @@ requests, so a failure here is a regression, not bad luck.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -232,6 +233,23 @@ def test_any_query_integer_is_ascii_digits_or_a_400_naming_it(live_admin: LiveAd
     ascii_whole = value.isascii() and value.isdigit() and len(value) <= 18
     in_range = ascii_whole and 1 <= int(value) <= (500 if name == "limit" else 10**18)
     if in_range:
+        assert resp.status_code == 200, (value, resp.text)
+    else:
+        assert resp.status_code == 400, (value, resp.status_code, resp.text)
+        assert_error_body(resp.json(), field=name)
+        assert resp.json()["error"] == "invalid_parameter"
+
+
+AUDIT_FILTERS = {"action": re.compile(r"[a-z._]{1,64}"), "key_id": re.compile(r"[A-Za-z0-9_-]{1,128}")}
+
+
+@FUZZ
+@given(name=st.sampled_from(sorted(AUDIT_FILTERS)),
+       value=st.text(min_size=1, max_size=140) | st.from_regex(r"[a-z._]{1,70}|[A-Za-z0-9_-]{120,135}", fullmatch=True))
+def test_any_audit_filter_is_well_formed_or_a_400_naming_it(live_admin: LiveAdmin, name: str, value: str) -> None:
+    resp = live_admin.http.get(f"{live_admin.api}/audit?{name}={quote(value, safe='')}",
+                               headers=live_admin.bearer, timeout=10)
+    if AUDIT_FILTERS[name].fullmatch(value):
         assert resp.status_code == 200, (value, resp.text)
     else:
         assert resp.status_code == 400, (value, resp.status_code, resp.text)

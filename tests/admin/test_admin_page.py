@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
@@ -176,7 +177,7 @@ async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: P
         await row.click(button="right")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        await expect(menu.get_by_role("menuitem")).to_have_count(1)
+        await expect(menu.get_by_role("menuitem")).to_have_text(["Disable", "Activity"])
         await expect(menu.get_by_role("menuitem", name="Enable")).to_have_count(0)
         await menu.get_by_role("menuitem", name="Disable").click()
         await expect(menu).to_be_hidden()
@@ -244,9 +245,11 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         await expect(menu).to_be_hidden()
         await expect(row).to_be_focused()
 
-        # Shift+F10, arrow to the item, Enter.
+        # Shift+F10, arrow to the item (down to Activity, then round to Disable), Enter.
         await page.keyboard.press("Shift+F10")
         await expect(menu).to_be_visible()
+        await page.keyboard.press("ArrowDown")
+        await expect(menu.get_by_role("menuitem", name="Activity")).to_be_focused()
         await page.keyboard.press("ArrowDown")
         await expect(menu.get_by_role("menuitem", name="Disable")).to_be_focused()
         await page.keyboard.press("Enter")
@@ -271,6 +274,8 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         await page.keyboard.press("Enter")
         await expect(actions).to_have_attribute("aria-expanded", "true")
         await page.keyboard.press("End")
+        await expect(menu.get_by_role("menuitem", name="Activity")).to_be_focused()
+        await page.keyboard.press("Home")
         await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(key_row(page, "kbd-agent").locator("td").nth(3)).to_have_text("Enabled", timeout=2000)
@@ -365,4 +370,146 @@ async def test_cross_site_page_cannot_use_the_admin_session(tmp_path: Path, brow
         # The real page still works with its session afterwards.
         await page.reload()
         await expect(key_row(page, "victim").locator("td").nth(3)).to_have_text("Enabled")
+        watch.assert_clean()
+
+
+# ---- a key's activity, the audit filters, roles ------------------------------------------------
+
+
+async def record_calls(sc: AdminSidecar, key: dict[str, Any], calls: list[tuple[str, str]]) -> None:
+    """``tool.called`` events through the running sidecar's recorder (what the proxy calls for each
+    ``tools/call``), written at once."""
+    for tool, outcome in calls:
+        sc.services.activity.tool_called(key_id=key["id"], key_name=key["name"], tool=tool, outcome=outcome,
+                                         client="192.0.2.10")
+    await sc.services.activity.flush()
+
+
+async def test_a_keys_activity_shows_its_recent_calls_and_calls_per_tool(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (_, page, watch):
+        agent = await sc.create_key("busy-agent", ["viewer"])
+        other = await sc.create_key("other-agent", ["viewer"])
+        await record_calls(sc, agent, [("get_plan", "allowed")] * 3 + [("delete_plan", "denied")] * 2)
+        await record_calls(sc, other, [("secret_tool", "allowed")])
+        await sign_in(page, sc)
+
+        await key_row(page, "busy-agent").click(button="right")
+        await page.get_by_role("menuitem", name="Activity").click()
+        dialog = page.get_by_role("dialog", name="Activity of busy-agent")
+        await expect(dialog).to_be_visible()
+        await expect(dialog.locator("#activity-summary")).to_have_text("5 tool calls in the last 24 hours, 2 denied.")
+        tools = dialog.get_by_role("table", name="Calls per tool, last 24 hours")
+        await expect(tools.locator("tbody tr")).to_have_count(2)
+        assert [" ".join(text.split()) for text in await tools.locator("tbody tr").all_inner_texts()] == [
+            "get_plan 3 0", "delete_plan 0 2"]
+        recent = dialog.get_by_role("table", name="Recent calls")
+        await expect(recent.locator("tbody tr")).to_have_count(5)
+        newest = recent.locator("tbody tr").first.locator("td")
+        await expect(newest.nth(1)).to_have_text("delete_plan")
+        await expect(newest.nth(2)).to_have_text("Denied")
+        await expect(newest.nth(3)).to_have_text("192.0.2.10")
+        _, stored, _ = await sc.call("GET", f"/keys/{agent['id']}/activity")
+        await expect(newest.nth(0).locator("time")).to_have_attribute("datetime", stored["recent"][0]["time"])
+        await expect(recent.locator("tbody tr").last.locator("td").nth(2)).to_have_text("Allowed")
+        assert "secret_tool" not in await dialog.inner_text()
+
+        # Escape closes it and gives focus back to the key's row.
+        await page.keyboard.press("Escape")
+        await expect(dialog).to_be_hidden()
+        await expect(key_row(page, "busy-agent")).to_be_focused()
+
+        # A key without calls says so.
+        await key_row(page, "other-agent").click(button="right")
+        await page.get_by_role("menuitem", name="Activity").click()
+        dialog = page.get_by_role("dialog", name="Activity of other-agent")
+        await expect(dialog.locator("#activity-summary")).to_have_text("1 tool call in the last 24 hours, 0 denied.")
+        await page.get_by_role("button", name="Close").click()
+        await key_row(page, "ops").click(button="right")
+        await page.get_by_role("menuitem", name="Activity").click()
+        dialog = page.get_by_role("dialog", name="Activity of ops")
+        await expect(dialog.get_by_text("No tool calls in the last 24 hours.", exact=True).first).to_be_visible()
+        await expect(dialog.get_by_text("No tool calls recorded.")).to_be_visible()
+        await expect(dialog.get_by_role("table")).to_have_count(0)
+        watch.assert_clean()
+
+
+async def test_activity_from_the_keyboard_leads_to_the_filtered_audit(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (_, page, watch):
+        agent = await sc.create_key("kbd-agent", ["viewer"])
+        other = await sc.create_key("other-agent", ["viewer"])
+        await record_calls(sc, agent, [("get_plan", "allowed"), ("delete_plan", "denied")])
+        await record_calls(sc, other, [("get_plan", "allowed")])
+        await sign_in(page, sc)
+
+        # Shift+F10 on the row, End to Activity, Enter: the dialog opens with focus inside it
+        # and its summary is announced.
+        await key_row(page, "kbd-agent").focus()
+        await page.keyboard.press("Shift+F10")
+        await page.keyboard.press("End")
+        await expect(page.get_by_role("menuitem", name="Activity")).to_be_focused()
+        await page.keyboard.press("Enter")
+        dialog = page.get_by_role("dialog", name="Activity of kbd-agent")
+        await expect(dialog).to_be_visible()
+        await expect(dialog.get_by_role("button", name="Close")).to_be_focused()
+        await expect(page.locator("#announcer")).to_have_text(
+            "Activity of kbd-agent: 2 tool calls in the last 24 hours, 1 denied.")
+
+        # Shift+Tab to "Show in Audit", Enter: the Audit tab, filtered to this key's tool calls.
+        await page.keyboard.press("Shift+Tab")
+        await expect(dialog.get_by_role("button", name="Show in Audit")).to_be_focused()
+        await page.keyboard.press("Enter")
+        await expect(dialog).to_be_hidden()
+        audit_tab = page.get_by_role("tab", name="Audit")
+        await expect(audit_tab).to_have_attribute("aria-selected", "true")
+        await expect(audit_tab).to_be_focused()
+        action = page.get_by_label("Action", exact=True)
+        key = page.get_by_label("Key", exact=True)
+        await expect(action).to_have_value("tool.called")
+        await expect(key).to_have_value(agent["id"])
+        rows = page.locator("#audit-body tr")
+        await expect(rows).to_have_count(2)
+        texts = await rows.all_inner_texts()
+        assert all("Tool called" in t and "kbd-agent" in t for t in texts), texts
+        assert "delete_plan · denied" in texts[0] and "get_plan · allowed" in texts[1]
+
+        # Every action of this key; then every key's tool calls; then nothing filtered.
+        await action.select_option("")
+        await expect(rows).to_have_count(3)
+        assert "Key created" in (await rows.all_inner_texts())[-1]
+        await action.select_option("tool.called")
+        await key.select_option("")
+        await expect(rows).to_have_count(3)
+        assert {t.split("\t")[3] for t in await rows.all_inner_texts()} == {"kbd-agent", "other-agent"}
+        await action.select_option("key.disabled")
+        await expect(page.get_by_text("No events yet.")).to_be_visible()
+        await expect(page.locator("#announcer")).to_have_text("No matching events.")
+        watch.assert_clean()
+
+
+async def test_roles_tab_shows_each_roles_tool_patterns(tmp_path: Path, browser: Browser) -> None:
+    roles = {"viewer": {"tools": ["get_*", "search_plans"]}, "writer": {"tools": []}}
+    async with admin_sidecar(tmp_path, roles=roles) as sc, admin_page(browser, sc) as (_, page, watch):
+        await sign_in(page, sc)
+        await page.get_by_role("tab", name="Audit").click()
+        await page.keyboard.press("ArrowRight")  # the tabs pattern: arrows move between tabs
+        roles_tab = page.get_by_role("tab", name="Roles")
+        await expect(roles_tab).to_be_focused()
+        await expect(roles_tab).to_have_attribute("aria-selected", "true")
+        table = page.locator("#roles-table")
+        await expect(table).to_be_visible()
+
+        def row(name: str) -> Locator:
+            return table.locator("tbody tr", has=page.get_by_role("rowheader", name=name, exact=True))
+
+        await expect(row("viewer").locator(".pill-pattern")).to_have_text(["get_*", "search_plans"])
+        await expect(row("viewer").locator("td").nth(2)).to_have_attribute(
+            "aria-label", "Tool patterns: get_*, search_plans")
+        await expect(row("writer").locator("td").nth(2)).to_have_text("No tools")
+        await expect(row("org-admin").locator("td").nth(2)).to_have_text("All tools")
+        await expect(row("org-admin").locator("td").nth(1)).to_have_text("org:settings")
+        # The Add API Key form tells the same about each role it offers.
+        await page.get_by_role("tab", name="API Keys").click()
+        await page.get_by_role("button", name="Add API Key").click()
+        viewer = page.locator("#key-roles option[value='viewer']")
+        await expect(viewer).to_have_attribute("title", "Permissions: plans:read. Tools: get_*, search_plans.")
         watch.assert_clean()

@@ -49,7 +49,7 @@ def test_every_setting_in_code_is_documented_in_the_example() -> None:
 def test_the_example_shows_the_defaults_and_loads() -> None:
     example = load_settings(EXAMPLE, {})
     defaults = Settings()
-    for section in ("proxy", "auth", "argon2", "admin", "signing"):
+    for section in ("proxy", "auth", "argon2", "admin", "signing", "audit"):
         assert getattr(example, section) == getattr(defaults, section), section
     assert example.workspace == defaults.workspace
     assert example.log_level == defaults.log_level

@@ -64,6 +64,7 @@ async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(
     assert value("toolio_sidecar_upstream_connections", state="busy") == 0
     assert value("toolio_sidecar_upstream_pool_waiting") == 0
     assert value("toolio_sidecar_audit_write_failures_total") == 0
+    assert value("toolio_sidecar_audit_events_dropped_total") == 0
     assert "toolio_sidecar_build_info" in metrics.sample_labels
 
 

@@ -43,6 +43,7 @@ def test_empty_config_gives_the_documented_defaults() -> None:
     assert settings.signing.lifetime_seconds == 60
     assert settings.roles["viewer"].permissions == {"plans:read"}
     assert settings.roles["org-admin"].permissions == {"org:settings"}
+    assert settings.audit.retention_days == 90
 
 
 def test_full_config_is_read_into_typed_settings(config: ConfigFactory) -> None:
@@ -75,6 +76,7 @@ def test_full_config_is_read_into_typed_settings(config: ConfigFactory) -> None:
     ({"signing": {"algorithms": "ES256"}}, "signing.algorithms"),
     ({"auth": {"cache": 1}}, "auth.cache"),
     ({"argon2": {"memory": 1}}, "argon2.memory"),
+    ({"audit": {"retention": 30}}, "audit.retention"),
     ({"roles": {"viewer": {"permissions": [], "color": "red"}}}, "roles.viewer.color"),
 ])
 def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
@@ -110,6 +112,10 @@ def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
     ({"argon2": {"memory_cost_kib": 8, "parallelism": 2}}, "argon2.memory_cost_kib"),
     ({"auth": {"store_poll_seconds": 5}}, "auth.store_poll_seconds"),
     ({"log_level": "loud"}, "log_level"),
+    ({"audit": {"retention_days": 0}}, "audit.retention_days"),
+    ({"audit": {"retention_days": 36_501}}, "audit.retention_days"),
+    ({"audit": {"retention_days": 30.5}}, "audit.retention_days"),
+    ({"audit": {"retention_days": "90"}}, "audit.retention_days"),
     ({"roles": {"bad name": {"permissions": []}}}, "roles.bad name"),
     ({"roles": {"viewer": "plans:read"}}, "roles.viewer"),
     ({"roles": {"viewer": {"permissions": "plans:read"}}}, "roles.viewer.permissions"),

@@ -142,13 +142,16 @@ def session_cookie(resp: aiohttp.ClientResponse) -> Any:
 
 @asynccontextmanager
 async def admin_sidecar(tmp_path: Path, *, admin: Mapping[str, Any] | None = None,
-                        auth: Mapping[str, Any] | None = None, upstream: bool = False) -> AsyncIterator[AdminSidecar]:
+                        auth: Mapping[str, Any] | None = None, upstream: bool = False,
+                        roles: Mapping[str, Any] | None = None) -> AsyncIterator[AdminSidecar]:
     """A :func:`running_sidecar` with an ``ops`` admin key. With ``upstream`` the example MCP
-    server runs behind the proxy; without, nothing listens there (admin-only tests)."""
+    server runs behind the proxy; without, nothing listens there (admin-only tests). ``roles``
+    is merged into the base roles (e.g. ``{"viewer": {"tools": ["get_*"]}}``)."""
     async with AsyncExitStack() as stack:
         upstream_url = await stack.enter_async_context(example_upstream()) if upstream else "http://127.0.0.1:9"
         settings = ConfigFactory(tmp_path).settings({"log_level": "info", "proxy": {"upstream": upstream_url},
-                                                     "admin": dict(admin or {}), "auth": dict(auth or {})})
+                                                     "admin": dict(admin or {}), "auth": dict(auth or {}),
+                                                     "roles": dict(roles or {})})
         sidecar = await stack.enter_async_context(running_sidecar(settings))
         record, full = await sidecar.services.keys.create(name="ops", roles=["org-admin"], actor="cli", client=None)
         http = await stack.enter_async_context(aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))

@@ -7,7 +7,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from sidecar.keys.records import AuditRecord, KeyRecord
+from sidecar.keys.records import AuditRecord, KeyRecord, ToolUsage
+
+# How many tools :meth:`KeyStore.tool_activity` reports at most (denied calls may name anything).
+TOOL_ACTIVITY_LIMIT = 200
 
 
 class StoreError(Exception):
@@ -129,7 +132,22 @@ class KeyStore(ABC):
     async def append_audit(self, events: Iterable[AuditRecord]) -> None: ...
 
     @abstractmethod
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]: ...
+    async def list_audit(self, workspace: str, limit: int, before: int | None, *,
+                         action: str | None = None, key_id: str | None = None) -> list[AuditRecord]:
+        """The workspace's events, newest first: ``id < before`` when given, and only those of
+        ``action`` and of ``key_id`` when given (both: both must match)."""
+
+    @abstractmethod
+    async def tool_activity(self, workspace: str, key_id: str, since: datetime) -> list[ToolUsage]:
+        """The key's ``tool.called`` events at or after ``since``, counted per tool and outcome;
+        the most called tools first, at most ``TOOL_ACTIVITY_LIMIT`` of them."""
+
+    @abstractmethod
+    async def prune_audit(self, older_than: datetime, batch: int) -> int:
+        """Delete at most ``batch`` audit events (every workspace) whose time is before
+        ``older_than``, in one short transaction; returns how many. The database refuses to delete
+        an event younger than one day (a trigger, in both stores), so such rows are never asked
+        for, whatever ``older_than`` says."""
 
     @abstractmethod
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:

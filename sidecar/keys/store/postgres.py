@@ -15,8 +15,9 @@ each other's changes and how they agree at start-up:
 * Migrations run in one transaction under ``pg_advisory_xact_lock``
   (https://www.postgresql.org/docs/current/explicit-locking.html#ADVISORY-LOCKS): replicas that
   start together apply them once, one after the other; ``schema_migrations`` records each step.
-* Audit rows are append-only in the database: a statement trigger refuses UPDATE, DELETE and
-  TRUNCATE on ``audit_events``.
+* Audit rows are append-only in the database: a statement trigger refuses UPDATE and TRUNCATE
+  on ``audit_events``, a row trigger the DELETE of a row younger than one day, so retention can
+  prune only old rows (docs/operations.md, Audit retention).
 
 Tables are created unqualified, in the first schema of the connection's ``search_path``; a URL
 may pick one, e.g. ``?options=-csearch_path%3Dtoolio``.
@@ -44,8 +45,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
-from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, ToolUsage
+from sidecar.keys.store.base import TOOL_ACTIVITY_LIMIT, DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 CHANGE_CHANNEL = "toolio_key_changes"
 # Key of the advisory lock held while migrating: any constant unique to this application.
@@ -118,6 +119,23 @@ MIGRATIONS: tuple[str, ...] = (
 
     -- Values every replica must share, e.g. the signing key set; first writer wins.
     CREATE TABLE shared_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    """
+    -- Audit retention (docs/operations.md, Audit retention): events older than
+    -- audit.retention_days are pruned. The database still refuses every UPDATE and TRUNCATE,
+    -- and the DELETE of an event younger than one day (the shortest retention), so only old
+    -- rows can go.
+    DROP TRIGGER audit_events_append_only ON audit_events;
+    CREATE TRIGGER audit_events_append_only BEFORE UPDATE OR TRUNCATE ON audit_events
+        FOR EACH STATEMENT EXECUTE FUNCTION audit_events_append_only();
+    CREATE TRIGGER audit_events_keep_recent BEFORE DELETE ON audit_events
+        FOR EACH ROW WHEN (OLD."time" > now() - interval '1 day')
+        EXECUTE FUNCTION audit_events_append_only();
+    CREATE INDEX audit_time ON audit_events ("time");
+    -- GET /admin/api/audit?action=&key_id= and a key's activity (docs/reference/admin-api.md).
+    CREATE INDEX audit_workspace_action_id ON audit_events (workspace, action, id);
+    CREATE INDEX audit_workspace_key_id ON audit_events (workspace, key_id, id);
+    CREATE INDEX audit_tool_calls ON audit_events (workspace, key_id, "time") WHERE action = 'tool.called';
     """,
 )
 
@@ -506,19 +524,48 @@ class PostgresKeyStore(KeyStore):
             async with attempt as con:
                 await con.executemany(_INSERT_AUDIT, rows)
 
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
+    async def list_audit(self, workspace: str, limit: int, before: int | None, *,
+                         action: str | None = None, key_id: str | None = None) -> list[AuditRecord]:
         sql = ('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
                "FROM audit_events WHERE workspace = $1")
         args: list[Any] = [workspace]
-        if before is not None:
-            sql += " AND id < $2"
-            args.append(before)
-        sql += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
+        for condition, value in (("action = ", action), ("key_id = ", key_id), ("id < ", before)):
+            if value is not None:
+                args.append(value)
+                sql += f" AND {condition}${len(args)}"
         args.append(limit)
+        sql += f" ORDER BY id DESC LIMIT ${len(args)}"
         for attempt in self._attempts():
             async with attempt as con:
                 rows = await con.fetch(sql, *args)
         return [_audit_from_row(r) for r in rows]
+
+    async def tool_activity(self, workspace: str, key_id: str, since: datetime) -> list[ToolUsage]:
+        # The literal action matches the partial index audit_tool_calls; COLLATE "C" orders
+        # ties by code point, as SQLite does.
+        for attempt in self._attempts():
+            async with attempt as con:
+                rows = await con.fetch(
+                    "SELECT details->>'tool' COLLATE \"C\" AS tool, "
+                    "COUNT(*) FILTER (WHERE details->>'outcome' = 'allowed'), "
+                    "COUNT(*) FILTER (WHERE details->>'outcome' = 'denied') "
+                    "FROM audit_events WHERE workspace = $1 AND key_id = $2 AND action = 'tool.called' "
+                    "AND \"time\" >= $3 AND details->>'tool' IS NOT NULL "
+                    "GROUP BY 1 ORDER BY COUNT(*) DESC, 1 LIMIT $4",
+                    workspace, key_id, _ts(since), TOOL_ACTIVITY_LIMIT)
+        return [ToolUsage(str(tool), int(allowed), int(denied)) for tool, allowed, denied in rows]
+
+    async def prune_audit(self, older_than: datetime, batch: int) -> int:
+        # LEAST(...): never ask for a row the audit_events_keep_recent trigger keeps, which would
+        # refuse the whole batch. SKIP LOCKED: replicas pruning at once take different rows
+        # instead of waiting for each other.
+        for attempt in self._attempts():
+            async with attempt as con:
+                status = await con.execute(
+                    "DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events "
+                    "WHERE \"time\" < LEAST($1, now() - interval '1 day') ORDER BY \"time\" LIMIT $2 "
+                    "FOR UPDATE SKIP LOCKED)", _ts(older_than), batch)
+        return _row_count(status)
 
     # -- change feed -----------------------------------------------------------------------------
 

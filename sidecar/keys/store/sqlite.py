@@ -23,8 +23,17 @@ from typing import Any
 
 import aiosqlite
 
-from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, from_rfc3339, to_rfc3339, utcnow
-from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
+from sidecar.keys.records import (
+    DISABLED,
+    ENABLED,
+    AuditRecord,
+    KeyRecord,
+    ToolUsage,
+    from_rfc3339,
+    to_rfc3339,
+    utcnow,
+)
+from sidecar.keys.store.base import TOOL_ACTIVITY_LIMIT, DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 # ---------------------------------------------------------------------------------------------
 # SQLite
@@ -87,6 +96,20 @@ MIGRATIONS: tuple[str, ...] = (
     """
     -- Values every process sharing the store must agree on; first writer wins.
     CREATE TABLE shared_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
+    """,
+    """
+    -- Audit retention (docs/operations.md, Audit retention): events older than
+    -- audit.retention_days are pruned. The database still refuses every UPDATE, and the DELETE
+    -- of an event younger than one day (the shortest retention), so only old rows can go.
+    DROP TRIGGER audit_no_delete;
+    CREATE TRIGGER audit_no_delete_recent BEFORE DELETE ON audit_events
+        WHEN OLD.time > strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day')
+        BEGIN SELECT RAISE(ABORT, 'audit_events is append-only'); END;
+    CREATE INDEX audit_time ON audit_events (time);
+    -- GET /admin/api/audit?action=&key_id= and a key's activity (docs/reference/admin-api.md).
+    CREATE INDEX audit_workspace_action_id ON audit_events (workspace, action, id);
+    CREATE INDEX audit_workspace_key_id ON audit_events (workspace, key_id, id);
+    CREATE INDEX audit_tool_calls ON audit_events (workspace, key_id, time) WHERE action = 'tool.called';
     """,
 )
 
@@ -339,10 +362,17 @@ class SQLiteKeyStore(KeyStore):
         async with self._write():
             await self.db.executemany(_AUDIT_INSERT, rows)
 
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
+    async def list_audit(self, workspace: str, limit: int, before: int | None, *,
+                         action: str | None = None, key_id: str | None = None) -> list[AuditRecord]:
         sql = ("SELECT id, time, action, actor, workspace, key_id, key_name, client, details "
                "FROM audit_events WHERE workspace = ?")
         params: list[Any] = [workspace]
+        if action is not None:
+            sql += " AND action = ?"
+            params.append(action)
+        if key_id is not None:
+            sql += " AND key_id = ?"
+            params.append(key_id)
         if before is not None:
             sql += " AND id < ?"
             params.append(before)
@@ -351,6 +381,35 @@ class SQLiteKeyStore(KeyStore):
         async with self.db.execute(sql, params) as cur:
             rows = await cur.fetchall()
         return [_audit_from_row(r) for r in rows]
+
+    async def tool_activity(self, workspace: str, key_id: str, since: datetime) -> list[ToolUsage]:
+        # The literal action matches the partial index audit_tool_calls (a bound value would not).
+        async with self.db.execute(
+            "SELECT json_extract(details, '$.tool') AS tool, "
+            "SUM(json_extract(details, '$.outcome') = 'allowed'), "
+            "SUM(json_extract(details, '$.outcome') = 'denied') "
+            "FROM audit_events WHERE workspace = ? AND key_id = ? AND action = 'tool.called' AND time >= ? "
+            "AND json_extract(details, '$.tool') IS NOT NULL GROUP BY tool ORDER BY COUNT(*) DESC, tool LIMIT ?",
+            (workspace, key_id, to_rfc3339(since), TOOL_ACTIVITY_LIMIT),
+        ) as cur:
+            rows = await cur.fetchall()
+        return [ToolUsage(str(tool), int(allowed), int(denied)) for tool, allowed, denied in rows]
+
+    async def prune_audit(self, older_than: datetime, batch: int) -> int:
+        # MIN(...): never ask for a row the audit_no_delete_recent trigger keeps, which would
+        # refuse the whole batch.
+        due = "time < MIN(?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-1 day'))"
+        cutoff = to_rfc3339(older_than)
+        # Nothing due (the usual hourly case): no write transaction, so the file's write lock is
+        # not taken from the CLI or another process for nothing.
+        async with self.db.execute(f"SELECT 1 FROM audit_events WHERE {due} LIMIT 1", (cutoff,)) as cur:
+            if await cur.fetchone() is None:
+                return 0
+        async with self._write():
+            cur = await self.db.execute(
+                f"DELETE FROM audit_events WHERE id IN (SELECT id FROM audit_events WHERE {due} "
+                "ORDER BY time LIMIT ?)", (cutoff, batch))
+            return int(cur.rowcount)
 
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:
         async with self.db.execute("SELECT value FROM counters WHERE name = 'revision'") as cur:
