@@ -104,8 +104,7 @@ class _Outcome:
 class ProxyHandler:
     def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
                  pool: UpstreamPool, metrics: Metrics, log: JsonLog,
-                 streams: StreamRegistry, bindings: SessionBindings,
-                 activity: ToolCallRecorder | None = None) -> None:
+                 streams: StreamRegistry, bindings: SessionBindings, activity: ToolCallRecorder) -> None:
         self._settings = settings
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = authenticator

@@ -130,7 +130,7 @@ def _denied(principal: Principal, name: str | None) -> str:
 
 
 class McpGate:
-    def __init__(self, metrics: Metrics, recorder: ToolCallRecorder | None) -> None:
+    def __init__(self, metrics: Metrics, recorder: ToolCallRecorder) -> None:
         self._metrics = metrics
         self._recorder = recorder
 
@@ -140,10 +140,8 @@ class McpGate:
             if call.method != TOOLS_CALL:
                 continue
             counter.inc()
-            if self._recorder is not None:
-                tool = (call.name or "")[:MAX_LOGGED_NAME]
-                self._recorder.tool_called(key_id=principal.key_id, key_name=principal.name, tool=tool,
-                                           outcome=outcome, client=client)
+            self._recorder.tool_called(key_id=principal.key_id, key_name=principal.name,
+                                       tool=(call.name or "")[:MAX_LOGGED_NAME], outcome=outcome, client=client)
 
     def inspect(self, *, method: str, headers: Any, body: bytes | None, principal: Principal,
                 client: str) -> Inspection:

@@ -103,7 +103,7 @@ class Services:
                                            self.audit, self.last_used, self._client_address, trust=self.events)
         self.events.on_enabled = self.authenticator.forgive
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
-                                  self.log, self.streams, self.bindings)
+                                  self.log, self.streams, self.bindings, self.activity)
         await self.refresh_key_gauge()
         self._tasks = [
             asyncio.create_task(self._every(settings.auth.store_poll_seconds, self.events.poll), name="poll"),

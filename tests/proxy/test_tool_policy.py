@@ -18,6 +18,7 @@ from mcp.server import MCPServer
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.mcp import mcp_client, mcp_url
+from tests.support.metrics import sample
 from tests.support.raw import RawResponse, exchange, parse_responses, raw_request
 from tests.support.upstreams import (
     RecordingUpstream,
@@ -357,3 +358,36 @@ async def test_the_access_log_names_the_mcp_method_and_tool_in_both_eras(
     calls = [(line["mcp_method"], line["mcp_name"], line["status"]) for line in access
              if line["mcp_method"] == "tools/call"]
     assert calls == [("tools/call", "whoami", 200), ("tools/call", "echo", 200)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_every_tool_call_allowed_or_denied_is_an_audit_event_with_the_keys_name(
+        config: ConfigFactory, start_sidecar: SidecarStarter, policy_upstream: str, mode: str) -> None:
+    sc = await start_sidecar(_policy_settings(config, policy_upstream))
+    record, key = await sc.create_key("narrow-agent", ["whoami-only"])
+    async with mcp_client(mcp_url(sc.proxy_url), token=key, mode=mode) as client:
+        await client.call_tool("whoami", {})
+        with pytest.raises(MCPError):
+            await client.call_tool("add", {"a": 1, "b": 2})
+        await client.list_tools()  # not a call: no event
+    await sc.services.activity.flush()
+    events = await sc.services.store.list_audit("acme", 50, None, action="tool.called", key_id=record.id)
+    assert [(e.key_name, e.actor, e.details["tool"], e.details["outcome"], e.client) for e in reversed(events)] == [
+        ("narrow-agent", "narrow-agent", "whoami", "allowed", "127.0.0.1"),
+        ("narrow-agent", "narrow-agent", "add", "denied", "127.0.0.1"),
+    ]
+    assert sample(sc.services.registry, "toolio_sidecar_tool_calls_total", outcome="denied") == 1
+
+
+async def test_a_refused_batch_records_each_of_its_calls_as_denied(recorded: Any) -> None:
+    sc, echo, narrow, open_key = recorded
+    body = json.dumps([CALL_WHOAMI, CALL_ADD]).encode()
+    assert (await raw_request(sc.proxy_port, "POST", "/mcp", _post(narrow, body), body)).status == 403
+    # A key without a tool policy: its calls, even in a large chunked body, are recorded as allowed.
+    big = json.dumps({**CALL_ADD, "params": {"name": "add", "arguments": {"pad": "z" * 100_000}}}).encode()
+    assert (await _post_chunked(sc.proxy_port, open_key, big)).status == 200
+    await sc.services.activity.flush()
+    events = await sc.services.store.list_audit("acme", 50, None, action="tool.called")
+    assert sorted((e.key_name, e.details["tool"], e.details["outcome"]) for e in events) == [
+        ("narrow", "add", "denied"), ("narrow", "whoami", "denied"), ("open", "add", "allowed")]
+    assert len(echo.requests) == 1
