@@ -72,7 +72,12 @@ def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return result
 
 
-_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members)
+def _no_constant(name: str) -> Any:
+    # NaN and Infinity are not JSON (RFC 8259 6), though Python's parser takes them.
+    raise Unreadable(f"{name} is not a JSON value")
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_unique_members, parse_constant=_no_constant)
 
 
 def _call(element: Any) -> McpCall:
@@ -107,6 +112,8 @@ def parse(body: bytes) -> McpMessage:
     if isinstance(value, list):
         if not value:
             raise Unreadable("an empty JSON-RPC batch")
+        if any(isinstance(element, list) for element in value):
+            raise Unreadable("a batch inside a batch")
         return McpMessage(tuple(_call(element) for element in value), True)
     if not isinstance(value, dict):
         raise Unreadable("the body is not a JSON-RPC message")
@@ -125,7 +132,7 @@ def _decode_header(value: str) -> str | None:
         if base64.b64encode(raw).decode("ascii") != payload:
             return None  # only the canonical encoding, as a conforming client sends it
         return raw.decode("utf-8")
-    except (binascii.Error, UnicodeDecodeError):
+    except (binascii.Error, ValueError):  # ValueError: a payload that is not ASCII
         return None
 
 

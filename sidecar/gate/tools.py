@@ -20,8 +20,35 @@ from typing import Any
 # A filtered list depends on the caller: it must not be reused for another one (MCP 2026-07-28,
 # caching: "private" results are reusable only within the authorization context that made them).
 PRIVATE = "private"
-# The JSON member that marks a result worth parsing; any tools/list result contains it.
+# What marks an answer worth parsing: any tools/list result names its "tools" member, unless it
+# spells the name with escapes, which an answer with a backslash-u sequence is parsed to rule out.
 _TOOLS_MEMBER = b'"tools"'
+_ESCAPE = b"\\u"
+
+
+class Unfilterable(ValueError):
+    """An answer that may hold a tool list but cannot be read or rewritten as JSON: it is not
+    passed on (what cannot be checked is not shown)."""
+
+
+def may_hold_tools(data: bytes) -> bool:
+    return _TOOLS_MEMBER in data or _ESCAPE in data
+
+
+def load_answer(data: bytes | str) -> Any:
+    """Parsed JSON of an answer that may hold a tool list; :class:`Unfilterable` if unreadable."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:  # ValueError: also bad UTF-8, huge integers
+        raise Unfilterable(f"not readable JSON: {exc.__class__.__name__}") from None
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON; a value JSON cannot carry (an infinite number) makes the answer unfilterable."""
+    try:
+        return json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (ValueError, RecursionError) as exc:
+        raise Unfilterable(f"cannot be written as JSON: {exc.__class__.__name__}") from None
 
 
 class ToolPolicy:
@@ -66,16 +93,14 @@ class ToolPolicy:
 
     def filter_json(self, body: bytes) -> bytes:
         """A JSON body (one message or a batch's array of answers) with every ``tools/list``
-        result filtered; anything else unchanged, byte for byte."""
-        if _TOOLS_MEMBER not in body:
+        result filtered; anything else unchanged, byte for byte. Raises :class:`Unfilterable`
+        for a body that may hold a tool list but is not JSON this filter can read and rewrite."""
+        if not may_hold_tools(body):
             return body
-        try:
-            value = json.loads(body)
-        except ValueError:
-            return body  # not JSON: nothing here a client would read as a tool list
+        value = load_answer(body)
         if not self.filter_value(value):
             return body
-        return json.dumps(value, separators=(",", ":")).encode()
+        return dumps(value).encode()
 
 
 @lru_cache(maxsize=256)

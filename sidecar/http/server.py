@@ -61,6 +61,12 @@ MAX_PIPELINED = 16
 MAX_HELD = 64 * 1024
 # A request body is buffered up to this much before reading from the socket pauses.
 BODY_HIGH_WATER = 256 * 1024
+# Body pieces under SMALL_PIECE bytes are merged into buffers of up to MERGED_PIECE bytes. After
+# MAX_SMALL_PIECES pieces, a body averaging under AVERAGE_PIECE bytes a piece is refused (400).
+SMALL_PIECE = 4096
+MERGED_PIECE = 64 * 1024
+MAX_SMALL_PIECES = 4096
+AVERAGE_PIECE = 64
 # Fields that must not repeat: a second value makes the request ambiguous to whoever reads it
 # next (RFC 9112 3.2 for Host; RFC 9110 8.3 and 8.6 for the content fields).
 # Mcp-Session-Id too: the sidecar checks the session's owner on one value, and an upstream that
@@ -88,8 +94,8 @@ class Request:
     its body as it arrives, and the means to answer it exactly once."""
 
     __slots__ = ("_buffered", "_chunked_out", "_chunks", "_close", "_complete", "_conn", "_continue",
-                 "_error", "_finished", "_started", "_waiter", "chunked", "content_length", "headers",
-                 "keep_alive", "method", "raw_path", "remote", "version")
+                 "_error", "_finished", "_pieces", "_received", "_started", "_waiter", "chunked",
+                 "content_length", "headers", "keep_alive", "method", "raw_path", "remote", "version")
 
     scheme = "http"
 
@@ -106,8 +112,10 @@ class Request:
         self.chunked = chunked
         self.keep_alive = keep_alive
         self._continue = expect_continue
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | bytearray] = deque()
         self._buffered = 0
+        self._pieces = 0  # body pieces the parser handed over, and their bytes
+        self._received = 0
         self._complete = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -146,7 +154,7 @@ class Request:
 
     def take_body(self) -> bytes:
         chunks = self._chunks
-        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        data = bytes(chunks.popleft()) if len(chunks) == 1 else b"".join(chunks)
         chunks.clear()
         self._consumed(len(data))
         return data
@@ -168,7 +176,7 @@ class Request:
             if self._chunks:
                 data = self._chunks.popleft()
                 self._consumed(len(data))
-                yield data
+                yield bytes(data) if isinstance(data, bytearray) else data
                 continue
             if self._error is not None:
                 raise self._error
@@ -190,8 +198,25 @@ class Request:
             waiter.set_result(None)
 
     def _feed(self, data: bytes) -> None:
-        self._chunks.append(data)
-        self._buffered += len(data)
+        size = len(data)
+        self._pieces += 1
+        self._received += size
+        if self._pieces > MAX_SMALL_PIECES and self._received < AVERAGE_PIECE * self._pieces:
+            # A body in thousands of tiny pieces (1-byte chunks, say) costs a parser callback and
+            # an object per piece: refused before it costs more than its size (RFC 9112 7.1 sets
+            # no minimum chunk size; this server does).
+            raise _Refusal(400)
+        chunks = self._chunks
+        if size < SMALL_PIECE:
+            # Small pieces are merged into one buffer as they come, not kept one object each.
+            last = chunks[-1] if chunks else None
+            if type(last) is bytearray and len(last) < MERGED_PIECE:
+                last += data
+            else:
+                chunks.append(bytearray(data))
+        else:
+            chunks.append(data)
+        self._buffered += size
         self._wake()
 
     def _done(self) -> None:

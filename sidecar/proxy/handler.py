@@ -147,8 +147,9 @@ class ProxyHandler:
                 key_name=principal.name if principal else None,
                 client=request.remote, method=request.method, path=request.path,
                 # What the body said (both protocol eras); the routing headers only where it was not read.
-                mcp_method=mcp.mcp_method if mcp.message else headers.get("Mcp-Method"),
-                mcp_name=mcp.mcp_name if mcp.message else headers.get("Mcp-Name"), status=status,
+                mcp_method=mcp.mcp_method if mcp.message or request.body_exists else headers.get("Mcp-Method"),
+                mcp_name=mcp.mcp_name if mcp.message or request.body_exists else headers.get("Mcp-Name"),
+                status=status,
                 duration_ms=(time.perf_counter() - started) * 1000, bytes_in=request.content_length,
                 bytes_out=outcome.bytes_out)
 
@@ -234,7 +235,7 @@ class ProxyHandler:
         policy = principal.tools
         # A streamed POST body of a key without a tool policy is kept as it passes, so that its
         # tools/call is still recorded (bounded by max_body_bytes, like the body itself).
-        kept: list[bytes] | None = [] if request.method == "POST" else None
+        kept: bytearray | None = bytearray() if request.method == "POST" else None
 
         async def body() -> AsyncIterator[bytes]:
             nonlocal too_large, malformed
@@ -247,11 +248,11 @@ class ProxyHandler:
                         too_large = True
                         raise _BodyTooLarge()
                     if kept is not None:
-                        kept.append(chunk)
+                        kept.extend(chunk)
                     yield chunk
                 if kept is not None:
                     outcome.mcp = self._mcp.note_streamed(
-                        headers=request.headers, body=b"".join(kept), principal=principal,
+                        headers=request.headers, body=bytes(kept), principal=principal,
                         client=self.client_address(request))
             except BodyError:
                 # The client's body broke its own framing (RFC 9112 7.1): the upstream request is
@@ -266,14 +267,16 @@ class ProxyHandler:
             data = None
             # RFC 9110 8.6: a method that usually has content says "none" with a zero length.
             framing = "Content-Length: 0\r\n" if method in _CONTENT_METHODS else ""
-        elif (length is not None and length <= SMALL_BODY) or policy is not None:
+        elif ((length is not None and length <= SMALL_BODY) or policy is not None
+              or "Mcp-Method" in request.headers or "Mcp-Name" in request.headers):
             # A small body with a declared length is one complete JSON-RPC message already in
             # the socket buffer: relaying it in one piece (head and body in one write) saves the
             # per-chunk machinery (bench/RESULTS.md: body streaming is ~17% of a bare proxy's cost).
             # Anything chunked, larger, or without a length streams chunk by chunk.
             # Usually the whole body came with the head: take it without a wait.
             # A key with a tool policy has every body read before anything is forwarded, whatever
-            # its size or framing (up to max_body_bytes): a call that could not be checked is not sent.
+            # its size or framing (up to max_body_bytes): a call that could not be checked is not
+            # sent. So has any body with routing headers, which must agree with it.
             if request.body_complete:
                 data = request.take_body()
             else:
@@ -354,17 +357,15 @@ class ProxyHandler:
     def _unfilterable(self) -> ProxyError:
         self._metrics.upstream_errors.labels("unfilterable").inc()
         return ProxyError(502, "upstream_unfilterable",
-                          "The MCP server's answer is too large to filter for this key")
+                          "The MCP server's answer cannot be filtered for this key (too large, or not readable JSON)")
 
     async def _read_bounded(self, up: UpstreamResponse) -> bytes:
-        parts: list[bytes] = []
-        total = 0
+        whole = bytearray()
         async for chunk in up.iter_chunks():
-            total += len(chunk)
-            if total > MAX_FILTERED_BYTES:
+            if len(whole) + len(chunk) > MAX_FILTERED_BYTES:
                 raise self._unfilterable()
-            parts.append(chunk)
-        return b"".join(parts)
+            whole += chunk
+        return bytes(whole)
 
     def _too_large(self) -> ProxyError:
         self._metrics.upstream_errors.labels("body_too_large").inc()
@@ -375,21 +376,19 @@ class ProxyHandler:
         streamed body is (by the upstream head deadline): a client that stops sending mid-body
         must not hold the connection and handler for good."""
         limit = self._settings.max_body_bytes
-        parts: list[bytes] = []
-        total = 0
+        whole = bytearray()
         try:
             async with asyncio.timeout(self._head_timeout):
                 async for chunk in request.iter_body():
-                    total += len(chunk)
-                    if total > limit:
+                    if len(whole) + len(chunk) > limit:
                         raise self._too_large()
-                    parts.append(chunk)
+                    whole += chunk
         except BodyError:
             raise _malformed_body() from None
         except TimeoutError:
             raise ProxyError(408, "request_timeout", "The request body did not arrive in time",
                              close=True) from None
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return bytes(whole)
 
     async def _relay(self, request: Request, up: UpstreamResponse, outcome: _Outcome,
                      policy: ToolPolicy | None) -> None:
@@ -409,11 +408,12 @@ class ProxyHandler:
                 if length is not None and length > MAX_FILTERED_BYTES:
                     raise self._unfilterable()
                 try:
-                    body = await self._read_bounded(up)
+                    body = answer_filter.json(await self._read_bounded(up))
                 except UpstreamError:
                     self._metrics.upstream_errors.labels("reset").inc()
                     raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
-                body = answer_filter.json(body)
+                except UnfilterableAnswer:
+                    raise self._unfilterable() from None
                 outcome.status = up.status
                 outcome.bytes_out = len(body)
                 request.respond(up.status, up.reason, _without_validators(response_headers(up.headers)), body)

@@ -8,24 +8,25 @@ client gets the JSON-RPC error an MCP server gives for a tool it does not have (
 existence is not revealed), as JSON or as one server-sent event according to its ``Accept``; a
 batch holding one is refused whole (403).
 
-On the way out, the answers of a key with a tool policy that may hold a ``tools/list`` result
-(the POST that asked for one; any GET stream, which can replay an earlier POST's events when a
-client resumes with ``Last-Event-ID``) pass :class:`AnswerFilter`, whole JSON bodies or event by
-event.
+On the way out, every answer to a key with a tool policy passes :class:`AnswerFilter`, whole
+JSON bodies or event by event, whatever the request was: an upstream routes answers by id, so a
+``tools/list`` result can arrive on another request's answer (two requests with the ids ``1``
+and ``"1"``) or on a GET stream replaying earlier events (``Last-Event-ID``). An answer that may
+hold a tool list but cannot be read is not passed on.
 """
 
 from __future__ import annotations
 
-import json
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from sidecar.errors import JsonRpcRefusal, ProxyError
 from sidecar.gate import jsonrpc
-from sidecar.gate.jsonrpc import TOOLS_CALL, TOOLS_LIST, McpMessage, Unreadable
+from sidecar.gate.jsonrpc import TOOLS_CALL, McpMessage, Unreadable
 from sidecar.gate.principal import Principal
-from sidecar.gate.tools import ToolPolicy
+from sidecar.gate.tools import ToolPolicy, Unfilterable, dumps, load_answer, may_hold_tools
 from sidecar.http.sse import EventSplitter, EventTooLarge, event_data, with_data
 from sidecar.metrics import Metrics
 
@@ -84,7 +85,9 @@ NOTHING = Inspection(None)
 
 def _rpc_id(value: Any) -> Any:
     # JSON-RPC 2.0 4: an id is a string, a number or null; anything else is answered with null.
-    return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    return value if isinstance(value, str | int) and not isinstance(value, bool) else None
 
 
 def _media_ranges(accept: str) -> dict[str, float]:
@@ -147,13 +150,17 @@ class McpGate:
                 client: str) -> Inspection:
         """What to do with a request whose body (if any) is ``body``. Raises the refusals
         (400 for a body a policy-bound key sends that cannot be read, or routing headers that
-        disagree with it; 403 for a batch with a forbidden call)."""
+        cannot be checked against it or disagree with it; 415 for a body a policy-bound key
+        sends in another media type or coding; 403 for a batch with a forbidden call)."""
         policy = principal.tools
         if body is None:
-            # No body to read: a GET stream (or a DELETE). Its events may replay earlier answers.
-            return Inspection(None, filter=policy) if policy is not None and method != "POST" else NOTHING
+            # Nothing to read (a GET stream, a DELETE, a body streamed as it came).
+            return Inspection(None, filter=policy) if policy is not None else NOTHING
         if policy is None and method != "POST":
             return NOTHING
+        if policy is not None:
+            _check_media_type(headers)
+        routing = headers.getall("Mcp-Method", []), headers.getall("Mcp-Name", [])
         try:
             message = jsonrpc.parse(body)
         except Unreadable as exc:
@@ -162,10 +169,13 @@ class McpGate:
                 # here and another way upstream could carry any call.
                 raise ProxyError(400, "invalid_request",
                                  f"The request body is not a readable JSON-RPC message: {exc}") from None
+            if routing[0] or routing[1]:
+                # Routing headers a server may act on, over a body they cannot be compared with.
+                raise JsonRpcRefusal(400, jsonrpc.HEADER_MISMATCH,
+                                     f"Mcp-Method / Mcp-Name cannot be checked: {exc}") from None
             return NOTHING
         mismatch = jsonrpc.header_mismatch(message, protocol_version=headers.get("MCP-Protocol-Version"),
-                                           methods=headers.getall("Mcp-Method", []),
-                                           names=headers.getall("Mcp-Name", []))
+                                           methods=routing[0], names=routing[1])
         if mismatch is not None:
             request_id = None if message.batch else _rpc_id(message.calls[0].id)
             raise JsonRpcRefusal(400, jsonrpc.HEADER_MISMATCH, mismatch, request_id)
@@ -185,8 +195,7 @@ class McpGate:
             error = jsonrpc.error_message(_rpc_id(call.id), jsonrpc.INVALID_PARAMS, _denied(principal, call.name))
             return Inspection(message, answer=_rpc_answer(error, headers.get("Accept")))
         self._record(principal, message.calls, ALLOWED, client)
-        wants_list = TOOLS_LIST in message.methods
-        return Inspection(message, filter=policy if wants_list else None)
+        return Inspection(message, filter=policy)
 
 
     def note_streamed(self, *, headers: Any, body: bytes, principal: Principal, client: str) -> Inspection:
@@ -200,8 +209,27 @@ class McpGate:
         return Inspection(message)
 
 
+def _check_media_type(headers: Any) -> None:
+    """A policy-bound key's body is JSON in UTF-8 with no content coding: the only form in which
+    it is certain to be read here as the server reads it (a server honouring another charset,
+    UTF-7 say, would read other members out of the same bytes)."""
+    content_type = headers.getall("Content-Type", [])
+    if content_type:
+        media, *params = content_type[0].split(";")
+        media = media.strip().lower()
+        if media != "application/json" and not (media.startswith("application/") and media.endswith("+json")):
+            raise ProxyError(415, "unsupported_media_type", "A JSON-RPC body must be application/json")
+        for param in params:
+            name, _, value = param.partition("=")
+            if name.strip().lower() == "charset" and value.strip().strip('"').lower() not in ("utf-8", "utf8"):
+                raise ProxyError(415, "unsupported_media_type", "A JSON-RPC body must be UTF-8")
+    for coding in headers.getall("Content-Encoding", []):
+        if coding.strip().lower() not in ("", "identity"):
+            raise ProxyError(415, "unsupported_media_type", "A JSON-RPC body must not be content-coded")
+
+
 def _rpc_answer(message: dict[str, Any], accept: str | None) -> Answer:
-    data = json.dumps(message, separators=(",", ":"))
+    data = dumps(message)
     if answers_as_events(accept):
         return Answer(200, [("Content-Type", _SSE), ("Cache-Control", "no-store")],
                       f"event: message\ndata: {data}\n\n".encode())
@@ -216,23 +244,33 @@ class AnswerFilter:
         self._policy = policy
         self._metrics = metrics
         self._splitter = EventSplitter(MAX_FILTERED_BYTES)
+        self._started = False
 
     def json(self, body: bytes) -> bytes:
-        filtered = self._policy.filter_json(body)
+        """The body filtered; raises :class:`UnfilterableAnswer` when it cannot be."""
+        try:
+            filtered = self._policy.filter_json(body)
+        except Unfilterable:
+            raise UnfilterableAnswer() from None
         if filtered is not body:
             self._metrics.tool_lists_filtered.inc()
         return filtered
 
     def feed(self, chunk: bytes) -> bytes:
         """The complete events so far, filtered; raises :class:`UnfilterableAnswer` for an event
-        too large to check."""
+        too large to check or one that may hold a tool list but cannot be read."""
+        if not self._started and chunk:
+            self._started = True
+            # HTML 9.2.5: one leading U+FEFF of the stream is ignored by clients; removed here so
+            # that the first event reads here as it does there.
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")
         try:
             events = self._splitter.feed(chunk)
-        except EventTooLarge:
+            if not events:
+                return b""
+            return b"".join(self._event(event) for event in events)
+        except (EventTooLarge, Unfilterable):
             raise UnfilterableAnswer() from None
-        if not events:
-            return b""
-        return b"".join(self._event(event) for event in events)
 
     def end(self) -> bytes:
         """The stream ended: an unfinished last event is dropped (a client discards it too,
@@ -241,19 +279,18 @@ class AnswerFilter:
         return b""
 
     def _event(self, event: bytes) -> bytes:
-        if b'"tools"' not in event:
+        if not may_hold_tools(event):
             return event
         data = event_data(event)
         if data is None:
+            if b"data" in event:
+                raise Unfilterable("event data that is not UTF-8")
             return event
-        try:
-            message = json.loads(data)
-        except ValueError:
-            return event
+        message = load_answer(data)
         if not self._policy.filter_value(message):
             return event
         self._metrics.tool_lists_filtered.inc()
-        return with_data(event, json.dumps(message, separators=(",", ":")))
+        return with_data(event, dumps(message))
 
 
 class UnfilterableAnswer(Exception):

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from sidecar.gate.tools import ToolPolicy, policy_for
+from sidecar.gate.tools import ToolPolicy, Unfilterable, policy_for
 from sidecar.settings import SettingsError, settings_from_mapping
 
 
@@ -76,8 +76,28 @@ def test_a_public_cache_scope_becomes_private_once_filtered() -> None:
 def test_other_answers_pass_byte_for_byte() -> None:
     policy = policy_for(("whoami",))
     for body in (b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"tools"}]}}',
-                 b'{"jsonrpc": "2.0", "id": 1, "result": {"tools": "not a list"}}', b"not json \"tools\"", b"{}"):
+                 b'{"jsonrpc": "2.0", "id": 1, "result": {"tools": "not a list"}}', b"not json at all", b"{}",
+                 b'{"jsonrpc":"2.0","id":1,"result":{"content":[{"type":"text","text":"\\u00e9"}]}}'):
         assert policy.filter_json(body) is body
+
+
+@pytest.mark.parametrize("body", [
+    b'{"jsonrpc":"2.0","id":1,"result":{"\\u0074ools":[{"name":"add"},{"name":"whoami"}]}}',
+    b'\xef\xbb\xbf{"jsonrpc":"2.0","id":1,"result":{"tools":[{"name":"add"},{"name":"whoami"}]}}',
+])
+def test_a_tool_list_spelled_unusually_is_still_filtered(body: bytes) -> None:
+    assert json.loads(policy_for(("whoami",)).filter_json(body))["result"]["tools"] == [{"name": "whoami"}]
+
+
+@pytest.mark.parametrize("body", [
+    b'not json but "tools"',
+    b'{"result":{"tools":[{"name":"add","n":' + b"9" * 5000 + b"}]}}",  # past Python's int digits
+    b'{"result":{"tools":[{"name":"add"}], "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}}",
+    b'{"result":{"tools":[{"name":"whoami","x":1e999}]}}',  # would be written back as Infinity
+])
+def test_an_answer_that_may_hold_a_tool_list_but_cannot_be_read_is_unfilterable(body: bytes) -> None:
+    with pytest.raises(Unfilterable):
+        policy_for(("whoami",)).filter_json(body)
 
 
 def test_a_batch_of_answers_is_filtered_element_by_element() -> None:
