@@ -315,14 +315,17 @@ class OAuthGate:
         token was verified before and has not expired."""
         if self.passthrough is not None:
             return self.passthrough
-        if self._keys is not None and self._keys.generation != self._verified_generation:
-            # The issuer's key set changed (a key withdrawn): verify every token afresh.
-            self._verified.clear()
-            self._verified_generation = self._keys.generation
+        self._forget_if_keys_changed()
         hit = self._verified.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
         if hit is not None and time.time() < hit[1]:
             return hit[0]
         return None
+
+    def _forget_if_keys_changed(self) -> None:
+        if self._keys is not None and self._keys.generation != self._verified_generation:
+            # The issuer's key set changed (a key withdrawn): verify every token afresh.
+            self._verified.clear()
+            self._verified_generation = self._keys.generation
 
     async def verify(self, token: str) -> Principal:
         """Verify an access token (``validate`` mode); raises :class:`InvalidToken` with a bounded
@@ -350,6 +353,7 @@ class OAuthGate:
             raise
         if key is None:
             raise InvalidToken("token_invalid", "The access token was not signed by a known key")
+        generation = self._keys.generation
         try:
             claims: dict[str, Any] = jwt.decode(
                 token, key, algorithms=[algorithm], audience=self._audience, issuer=self._issuer,
@@ -363,8 +367,11 @@ class OAuthGate:
         except jwt.InvalidTokenError:
             raise InvalidToken("token_invalid", "The access token is invalid") from None
         principal = self._principal(claims)
-        self._verified[hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()] = (
-            principal, float(claims["exp"]))
+        self._forget_if_keys_changed()
+        if generation == self._verified_generation:
+            # Remembered only under the key set it was checked against.
+            self._verified[hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest()] = (
+                principal, float(claims["exp"]))
         return principal
 
     def _principal(self, claims: Mapping[str, Any]) -> Principal:

@@ -6,6 +6,7 @@ the same in every mode."""
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import hmac
 import json
@@ -262,6 +263,39 @@ async def test_a_configured_jwks_uri_is_used_without_discovery(
     sidecar = await start_sidecar(_oauth_settings(config, echo.url, "validate", issuer, jwks_uri=issuer.jwks_uri))
     assert (await _send(sidecar, headers=bearer(issuer.mint(audience=_resource(sidecar)))))[0] == 200
     assert issuer.metadata_fetches == 0
+
+
+@pytest.mark.parametrize(("path", "discovery"), [("", "openid"), ("/tenant", "oauth"), ("/tenant", "openid")])
+async def test_the_keys_are_found_through_either_kind_of_issuer_metadata(
+        config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream, path: str,
+        discovery: str) -> None:
+    # RFC 8414 3.1 inserts the well-known suffix before the issuer's path; OpenID Connect
+    # Discovery appends it to the issuer. Either one is found.
+    server = AuthorizationServer(path=path, discovery=discovery)
+    await server.start()
+    try:
+        sidecar = await start_sidecar(_oauth_settings(config, echo.url, "validate", server))
+        assert (await _send(sidecar, headers=bearer(server.mint(audience=_resource(sidecar)))))[0] == 200
+        assert (server.metadata_fetches, server.jwks_fetches) == (1, 1)
+    finally:
+        await server.stop()
+
+
+async def test_refused_tokens_spend_the_address_budget_but_a_verified_user_keeps_working(
+        config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream,
+        issuer: AuthorizationServer) -> None:
+    settings = _oauth_settings(config, echo.url, "validate", issuer)
+    settings = dataclasses.replace(settings, auth=dataclasses.replace(settings.auth, failures_per_minute_per_address=3))
+    sidecar = await start_sidecar(settings)
+    resource = _resource(sidecar)
+    good = issuer.mint(audience=resource)
+    assert (await _send(sidecar, headers=bearer(good)))[0] == 200
+    for _ in range(3):
+        assert (await _send(sidecar, headers=bearer(issuer.mint(audience=resource, lifetime=-120))))[0] == 401
+    status, headers, _ = await _send(sidecar, headers=bearer(issuer.mint("bob", audience=resource)))
+    assert status == 429
+    assert int(headers["Retry-After"]) > 0
+    assert (await _send(sidecar, headers=bearer(good)))[0] == 200
 
 
 async def test_an_audience_other_than_the_resource_can_be_required(

@@ -169,9 +169,14 @@ class _EmbeddedServer(uvicorn.Server):
 
 
 class AuthorizationServer:
-    """A real OAuth 2.1 authorization server on loopback (see the module docstring)."""
+    """A real OAuth 2.1 authorization server on loopback (see the module docstring).
 
-    def __init__(self) -> None:
+    ``path`` gives the issuer a path (``http://127.0.0.1:PORT/tenant``) and ``discovery`` says
+    where its metadata is published: ``"oauth"`` (RFC 8414 3.1, the well-known suffix before the
+    issuer's path) or ``"openid"`` (OpenID Connect Discovery 4, appended to the issuer) only. The
+    sign-in endpoints stay at the root, so a client's sign-in works with the defaults only."""
+
+    def __init__(self, *, path: str = "", discovery: str = "oauth") -> None:
         self.keys: list[RsaKey] = [RsaKey.generate()]   # the first signs; all are published
         self.user = User()
         self.jwks_fetches = 0
@@ -181,13 +186,16 @@ class AuthorizationServer:
         self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self._socket.bind((LOOPBACK, 0))
         self.port = int(self._socket.getsockname()[1])
-        self.issuer = f"http://{LOOPBACK}:{self.port}"
+        self.origin = f"http://{LOOPBACK}:{self.port}"
+        self.issuer = self.origin + path
+        self._path = path
+        self._discovery = discovery
         self._server: _EmbeddedServer | None = None
         self._task: asyncio.Task[None] | None = None
 
     @property
     def jwks_uri(self) -> str:
-        return self.issuer + "/jwks"
+        return self.origin + "/jwks"
 
     def jwks(self) -> dict[str, Any]:
         return {"keys": [key.jwk for key in self.keys]}
@@ -219,7 +227,7 @@ class AuthorizationServer:
         return jwt.encode(body, signer.private, algorithm="RS256", headers=headers)
 
     def _app(self) -> Starlette:
-        issuer = AnyHttpUrl(self.issuer)
+        issuer = AnyHttpUrl(self.origin)
         registration = ClientRegistrationOptions(enabled=True)
         revocation = RevocationOptions(enabled=True)
         metadata = build_metadata(issuer, None, registration, revocation).model_dump(mode="json", exclude_none=True)
@@ -234,7 +242,9 @@ class AuthorizationServer:
             self.jwks_fetches += 1
             return JSONResponse(self.jwks())
 
-        routes = [Route("/.well-known/oauth-authorization-server", authorization_server_metadata, methods=["GET"]),
+        metadata_path = (f"/.well-known/oauth-authorization-server{self._path}" if self._discovery == "oauth"
+                         else f"{self._path}/.well-known/openid-configuration")
+        routes = [Route(metadata_path, authorization_server_metadata, methods=["GET"]),
                   Route("/jwks", jwks, methods=["GET"])]
         routes += [route for route in create_auth_routes(self.provider, issuer, None, registration, revocation)
                    if route.path != "/.well-known/oauth-authorization-server"]
