@@ -55,7 +55,7 @@ ACCESS_TOKEN_TYPES = frozenset({"at+jwt", "application/at+jwt"})
 LEEWAY_SECONDS = 30                  # clock skew allowed on exp / nbf / iat (RFC 7519 4.1.4)
 JWKS_MAX_AGE_SECONDS = 300           # a key set older than this is refreshed in the background
 UNKNOWN_KID_COOLDOWN_SECONDS = 30    # between refetches caused by an unknown kid
-FAILED_FETCH_COOLDOWN_SECONDS = 5    # with no key set yet, between attempts (the 503's Retry-After)
+FAILED_FETCH_COOLDOWN_SECONDS = 5    # after a failed fetch, before the next (the 503's Retry-After)
 FETCH_TIMEOUT_SECONDS = 5
 MAX_DOCUMENT_BYTES = 1024 * 1024
 TOKEN_CACHE_SIZE = 10_000
@@ -140,6 +140,15 @@ class KeySet:
         if self._flight is None or self._flight.done():
             self._flight = asyncio.get_running_loop().create_task(self._fetch())
 
+    def refresh_if_old(self) -> None:
+        """An old key set is fetched again in the background while the keys in hand go on
+        serving (and, should the issuer be unreachable, retried once per cooldown, not per
+        request). This is how a key the issuer withdrew stops working."""
+        now = time.monotonic()
+        if (self.fetched_at is not None and now - self.fetched_at > JWKS_MAX_AGE_SECONDS
+                and now - self._last_failure >= FAILED_FETCH_COOLDOWN_SECONDS):
+            self.refresh_soon()
+
     async def refresh(self) -> bool:
         """Fetch now (sharing a fetch already running); True if the set was fetched."""
         self.refresh_soon()
@@ -156,8 +165,8 @@ class KeySet:
                 await self.refresh()
             if self.fetched_at is None:
                 raise SignInUnavailable()
-        elif time.monotonic() - self.fetched_at > JWKS_MAX_AGE_SECONDS:
-            self.refresh_soon()
+        else:
+            self.refresh_if_old()
         if kid not in self._keys and not (kid == "" and len(self._keys) == 1):
             # Perhaps the issuer rotated its keys since the last fetch (RFC 7517 4.5). Once per
             # cooldown: the first unknown kid after a fetch always gets its refetch.
@@ -315,6 +324,8 @@ class OAuthGate:
         token was verified before and has not expired."""
         if self.passthrough is not None:
             return self.passthrough
+        if self._keys is not None:
+            self._keys.refresh_if_old()
         self._forget_if_keys_changed()
         hit = self._verified.get(hashlib.sha256(token.encode("utf-8", "surrogateescape")).digest())
         if hit is not None and time.time() < hit[1]:

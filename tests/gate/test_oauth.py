@@ -18,10 +18,12 @@ from cryptography.hazmat.primitives import serialization
 from multidict import CIMultiDict
 
 from sidecar.assertion import verify
+from sidecar.gate import oauth
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter, bearer, client_session
 from tests.support.metrics import sample
 from tests.support.oauth import AuthorizationServer, RsaKey, authorization_server
+from tests.support.polling import eventually
 from tests.support.raw import LOOPBACK, free_port
 from tests.support.upstreams import RecordingUpstream
 
@@ -244,6 +246,22 @@ async def test_a_rotated_signing_key_is_fetched_and_a_withdrawn_one_stops_workin
     assert issuer.jwks_fetches == fetches + 1
     # The old key left the set: its token, verified and remembered before, is checked afresh.
     assert (await _send(validating, headers=bearer(old)))[0] == 401
+
+
+async def test_a_withdrawn_key_stops_working_once_the_key_set_is_refreshed(
+        validating: RunningSidecar, issuer: AuthorizationServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The refresh period (5 minutes) made zero, so every request finds the key set old.
+    monkeypatch.setattr(oauth, "JWKS_MAX_AGE_SECONDS", 0)
+    token = issuer.mint(audience=_resource(validating))
+    assert (await _send(validating, headers=bearer(token)))[0] == 200
+    fetches = issuer.jwks_fetches
+    issuer.rotate(keep_old=False)
+
+    async def refused() -> bool:
+        return (await _send(validating, headers=bearer(token)))[0] == 401
+
+    await eventually(refused, what="the withdrawn key's token refused")
+    assert issuer.jwks_fetches > fetches
 
 
 async def test_unknown_key_ids_cause_at_most_one_refetch(
