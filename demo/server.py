@@ -30,6 +30,8 @@ from typing import Any
 try:
     import uvicorn
     from mcp.server import MCPServer
+    from mcp.server.auth.provider import TokenVerifier
+    from mcp.server.auth.settings import AuthSettings
     from mcp.server.mcpserver import Context
     from mcp.server.transport_security import TransportSecuritySettings
     from starlette.applications import Starlette
@@ -59,6 +61,7 @@ _IDENTITY_HEADERS = {
     "workspace": "x-toolio-workspace",
     "roles": "x-toolio-roles",
     "permissions": "x-toolio-permissions",
+    "subject": "x-toolio-subject",
 }
 _FORWARDED_HEADERS = {
     "forwarded_for": "x-forwarded-for",
@@ -102,12 +105,18 @@ def _whoami(ctx: Context[Any, Any]) -> dict[str, Any]:
     return result
 
 
-def build_example_server() -> MCPServer:
-    """The example server: ``add``, ``echo``, ``slow_count`` (progress) and ``whoami``."""
+def build_example_server(auth: AuthSettings | None = None, token_verifier: TokenVerifier | None = None) -> MCPServer:
+    """The example server: ``add``, ``echo``, ``slow_count`` (progress) and ``whoami``.
+
+    With ``auth`` and ``token_verifier`` it is an MCP server that does its own OAuth (the SDK's
+    resource server: a 401 challenge, protected resource metadata), as one behind a sidecar in
+    ``oauth.mode = "pass-through"`` would be."""
     server: MCPServer = MCPServer(
         "toolio-example",
         instructions="Example MCP server bundled with toolio-sidecar.",
         log_level="WARNING",
+        auth=auth,
+        token_verifier=token_verifier,
     )
 
     @server.tool(description="Add two integers.")

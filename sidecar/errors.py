@@ -7,6 +7,7 @@
     │   ├── InvalidToken          401, error="invalid_token" (unknown, wrong, disabled, expired)
     │   └── RateLimited           429 + Retry-After
     ├── StoreUnavailable          503 + Retry-After: the key store cannot be read
+    ├── SignInUnavailable         503 + Retry-After: the authorization server's keys cannot be had
     ├── ProxyError                the proxy's own refusals and upstream failures
     │                             (400 / 403 / 413 / 502 / 503 / 504)
     ├── JsonRpcRefusal            an MCP request refused in JSON-RPC terms: 400 with a JSON-RPC
@@ -130,6 +131,28 @@ class StoreUnavailable(SidecarError):
 
     def headers(self) -> Fields:
         return [("Retry-After", "1")]
+
+
+class SignInUnavailable(SidecarError):
+    """``oauth.mode = "validate"``: an access token cannot be checked because the authorization
+    server's metadata or JWKS cannot be fetched (and none is cached). Never a token let through
+    unchecked (docs/reference/status-codes.md)."""
+
+    status = 503
+    code = "temporarily_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("The authorization server's signing keys are unavailable; retry shortly")
+
+    def headers(self) -> Fields:
+        return [("Retry-After", "5")]
+
+
+def with_resource_metadata(fields: Fields, url: str) -> Fields:
+    """RFC 9728 5.1: the Bearer challenge names the protected resource metadata, so an MCP client
+    learns where to sign in from any 401 (``oauth.mode = "validate"``)."""
+    return [(name, f'{value}, resource_metadata="{url}"') if name == "WWW-Authenticate" else (name, value)
+            for name, value in fields]
 
 
 class ProxyError(SidecarError):

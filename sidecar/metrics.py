@@ -22,7 +22,12 @@ PREFIX = "toolio_sidecar_"
 METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 AUTH_FAILURE_REASONS = ("missing", "malformed", "invalid", "disabled", "expired", "rate_limited",
-                        "workspace")
+                        "workspace",
+                        # OAuth access tokens (oauth.mode = "validate"; docs/reference/metrics.md)
+                        "token_invalid", "token_expired", "token_audience", "token_issuer", "token_keys_unavailable")
+# Who a request came from (docs/reference/metrics.md): a key, a signed-in user, a pass-through
+# token for the upstream to check, or nobody known (refused before authentication succeeded).
+CALLER_KINDS = ("key", "user", "passthrough", "none")
 
 
 class _HotCounters(Collector):
@@ -32,6 +37,8 @@ class _HotCounters(Collector):
     def __init__(self) -> None:
         self.requests: dict[tuple[str, str], int] = {
             (cls, method): 0 for cls in STATUS_CLASSES for method in (*METHODS, "OTHER")}
+        self.by_kind: dict[tuple[str, str], int] = {
+            (kind, cls): 0 for kind in CALLER_KINDS for cls in STATUS_CLASSES}
         self.cache_hits = 0
 
     def collect(self) -> Iterator[CounterMetricFamily]:
@@ -40,6 +47,11 @@ class _HotCounters(Collector):
         for (cls, method), count in self.requests.items():
             requests.add_metric((cls, method), count)
         yield requests
+        by_kind = CounterMetricFamily(PREFIX + "requests_by_kind", "Proxied requests by caller kind and status class.",
+                                      labels=("kind", "status_class"))
+        for (kind, cls), count in self.by_kind.items():
+            by_kind.add_metric((kind, cls), count)
+        yield by_kind
         yield CounterMetricFamily(PREFIX + "cache_hits", "Verified-key cache hits.", value=self.cache_hits)
 
 
@@ -114,13 +126,16 @@ class Metrics:
         self.upstream_connections.labels("idle").set_function(lambda: pool.idle_connections)
         self.upstream_pool_waiting.set_function(lambda: pool.waiting)
 
-    def count_request(self, status: int, method: str) -> None:
+    def count_request(self, status: int, method: str, kind: str = "none") -> None:
         cls = STATUS_CLASSES[min(max(status // 100, 1), 5) - 1]
         counts = self.hot.requests
         key = (cls, method)
         if key not in counts:
             key = (cls, "OTHER")
         counts[key] += 1
+        by_kind = (kind, cls)
+        if by_kind in self.hot.by_kind:
+            self.hot.by_kind[by_kind] += 1
 
     def count_cache_hit(self) -> None:
         self.hot.cache_hits += 1

@@ -119,6 +119,27 @@ class StoreSettings:
         return bool(self.url)
 
 
+OAUTH_MODES = ("off", "pass-through", "validate")
+
+
+@dataclass(frozen=True, slots=True)
+class OAuthSettings:
+    """Interactive users beside API keys (docs/reference/config.md, [oauth]): ``off`` accepts only
+    keys; ``pass-through`` forwards other Bearer tokens to the upstream untouched; ``validate``
+    verifies JWT access tokens (RFC 9068) here, as the OAuth resource server."""
+
+    mode: str = "off"
+    resource: str = ""              # RFC 9728 "resource": this MCP endpoint's public URL
+    issuer: str = ""                # the authorization server's issuer (RFC 8414 2)
+    jwks_uri: str = ""              # empty: from the issuer's metadata
+    audience: str = ""              # the required "aud"; empty: the resource
+    roles_claim: str = "roles"
+
+    @property
+    def required_audience(self) -> str:
+        return self.audience or self.resource
+
+
 @dataclass(frozen=True, slots=True)
 class AuditSettings:
     """How long audit events are kept (docs/operations.md, Audit retention)."""
@@ -149,6 +170,7 @@ class Settings:
     signing: SigningSettings = SigningSettings()
     store: StoreSettings = StoreSettings()
     audit: AuditSettings = AuditSettings()
+    oauth: OAuthSettings = OAuthSettings()
     roles: Mapping[str, Role] = field(default_factory=dict)
 
     @property
@@ -326,6 +348,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     signing = _load_signing(_Section(top.table("signing"), "signing."), environ, base_dir)
     store = _load_store(_Section(top.table("store"), "store."), environ)
     audit = _load_audit(_Section(top.table("audit"), "audit."))
+    oauth = _load_oauth(_Section(top.table("oauth"), "oauth."))
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
@@ -333,7 +356,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
-                    admin=admin, signing=signing, store=store, audit=audit, roles=roles)
+                    admin=admin, signing=signing, store=store, audit=audit, oauth=oauth, roles=roles)
 
 
 def _clash(a: ListenAddress, b: ListenAddress) -> bool:
@@ -472,6 +495,66 @@ def _load_audit(s: _Section) -> AuditSettings:
     # At least one day: the database refuses to delete an audit row younger than that
     # (docs/operations.md, Audit retention).
     result = AuditSettings(retention_days=s.integer("retention_days", 90, minimum=1, maximum=36_500))
+    s.reject_unknown()
+    return result
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _oauth_url(key: str, text: str, *, what: str) -> str:
+    """An https URL (plain http only on loopback, for local tests), without fragment or
+    credentials: RFC 9728 2 (resource), RFC 8414 2 (issuer), RFC 7517 (a JWKS fetched over TLS)."""
+    if not text.isascii() or not text.isprintable() or any(c in text for c in ' "\\<>'):
+        # It is quoted in WWW-Authenticate (RFC 9110 11.2) and served in JSON metadata: plain URL
+        # characters only (RFC 3986 2).
+        raise SettingsError(key, "a URL of printable ASCII without spaces, quotes or backslashes")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(key, f"expected {what} as an https:// URL, got {text!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise SettingsError(key, "must be an https:// URL (plain http only for a loopback host)")
+    if parts.fragment or "#" in text or parts.username or parts.password:
+        raise SettingsError(key, "must not contain a fragment or credentials")
+    try:
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError:
+        raise SettingsError(key, "the URL's port is not a number") from None
+    return text
+
+
+def _load_oauth(s: _Section) -> OAuthSettings:
+    mode = s.string("mode", "off")
+    if mode not in OAUTH_MODES:
+        raise SettingsError(s.key("mode"), f"one of {', '.join(OAUTH_MODES)}, got {mode!r}")
+    resource = s.string("resource", "")
+    issuer = s.string("issuer", "")
+    jwks_uri = s.string("jwks_uri", "")
+    audience = s.string("audience", "")
+    roles_claim = s.string("roles_claim", "roles")
+    if resource:
+        _oauth_url(s.key("resource"), resource, what="this MCP endpoint's public URL")
+    if issuer:
+        _oauth_url(s.key("issuer"), issuer, what="the authorization server's issuer")
+        if urlsplit(issuer).query:
+            raise SettingsError(s.key("issuer"), "an issuer has no query component (RFC 8414 2)")
+    if jwks_uri:
+        _oauth_url(s.key("jwks_uri"), jwks_uri, what="the authorization server's JWKS")
+    if not roles_claim or not roles_claim.isprintable():
+        raise SettingsError(s.key("roles_claim"), "must name a claim")
+    if mode == "validate":
+        if not resource:
+            raise SettingsError(s.key("resource"), "required when oauth.mode is \"validate\"")
+        if not issuer:
+            raise SettingsError(s.key("issuer"), "required when oauth.mode is \"validate\"")
+    result = OAuthSettings(mode=mode, resource=resource, issuer=issuer, jwks_uri=jwks_uri, audience=audience,
+                           roles_claim=roles_claim)
     s.reject_unknown()
     return result
 

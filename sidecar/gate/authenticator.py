@@ -35,6 +35,7 @@ from sidecar.errors import (
 )
 from sidecar.gate.buckets import FailureLimiter
 from sidecar.gate.cache import KeyCache
+from sidecar.gate.oauth import OAuthGate
 from sidecar.gate.peers import ClientRequest
 from sidecar.gate.principal import Principal
 from sidecar.keys.audit import AuditLog
@@ -138,7 +139,8 @@ class _AlwaysTrusted:
 class Authenticator:
     def __init__(self, settings: Settings, store: KeyStore, cache: KeyCache, hasher: KeyHasher,
                  metrics: Metrics, audit: AuditLog, last_used: LastUsed,
-                 client_address: Callable[[ClientRequest], str], trust: CacheTrust | None = None) -> None:
+                 client_address: Callable[[ClientRequest], str], trust: CacheTrust | None = None,
+                 oauth: OAuthGate | None = None) -> None:
         self._settings = settings
         self._store = store
         self._cache = cache
@@ -148,6 +150,10 @@ class Authenticator:
         self._last_used = last_used
         self._client_address = client_address
         self._trust: CacheTrust = trust or _AlwaysTrusted()
+        # Bearer tokens that are not keys (docs/reference/config.md, [oauth]); None when mode is off.
+        self._oauth = oauth if oauth is not None and oauth.mode != "off" else None
+        # RFC 9728 5.1: named in the public listener's 401 challenges in validate mode.
+        self.resource_metadata = oauth.resource_metadata_url if oauth is not None else None
         self._by_address = FailureLimiter(settings.auth.failures_per_minute_per_address)
         self._by_lookup = FailureLimiter(settings.auth.failures_per_minute_per_lookup_id)
         self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
@@ -157,7 +163,9 @@ class Authenticator:
         self._argon2_threads = ThreadPoolExecutor(settings.auth.max_concurrent_verifications,
                                                   thread_name_prefix="argon2", initializer=_lower_priority)
 
-    async def authenticate(self, request: ClientRequest) -> Principal:
+    async def authenticate(self, request: ClientRequest, *, users: bool = False) -> Principal:
+        """The caller of ``request``: a key; with ``users`` (the public listener) also a user or a
+        pass-through token, as ``oauth.mode`` says. The admin listener takes keys only."""
         try:
             token = bearer_token(request)
         except AuthError as exc:
@@ -166,7 +174,26 @@ class Authenticator:
             else:
                 self._fail(None, request, exc.reason)
             raise
+        # Anything that starts like a key is one, even a mangled one: it is never passed on.
+        if users and self._oauth is not None and token[:4].lower() != "tak_":
+            return await self._authenticate_user(token, request)
         return await self.authenticate_token(token, request)
+
+    async def _authenticate_user(self, token: str, request: ClientRequest) -> Principal:
+        """A Bearer token that is not a key (sidecar.gate.oauth). A token already verified is
+        believed before any budget, as a cached key is; a new one spends the client address's
+        failure budget when it fails. Nothing keyed by a key (lookup-id budgets, last-used
+        times, the negative cache) applies to it."""
+        assert self._oauth is not None
+        principal = self._oauth.cached(token)
+        if principal is not None:
+            return principal
+        self._check_budget(self._client_address(request), None)
+        try:
+            return await self._oauth.verify(token)
+        except InvalidToken as exc:
+            self._fail(None, request, exc.reason)
+            raise
 
     async def authenticate_token(self, token: str, request: ClientRequest) -> Principal:
         """Authenticate a key presented some other way than the header (the admin page's login

@@ -18,10 +18,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.errors import InvalidToken, ProxyError, SidecarError, StoreUnavailable
+from sidecar.errors import InvalidToken, ProxyError, SidecarError, StoreUnavailable, with_resource_metadata
 from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
-from sidecar.gate.principal import Principal
+from sidecar.gate.principal import PASSTHROUGH, Principal
 from sidecar.gate.sessions import SessionBindings
 from sidecar.gate.tools import ToolPolicy
 from sidecar.http.client import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
@@ -30,7 +30,7 @@ from sidecar.http.wire import reason_phrase
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.proxy.assertion import Signer
-from sidecar.proxy.headers import request_head, response_headers, upstream_header_lines
+from sidecar.proxy.headers import passthrough_header_lines, request_head, response_headers, upstream_header_lines
 from sidecar.proxy.mcp import (
     MAX_FILTERED_BYTES,
     NOTHING,
@@ -57,9 +57,13 @@ SMALL_BODY = 64 * 1024
 _VALID_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]{0,5})?")
 
 
-def send_error(request: Request, exc: SidecarError, *, close: bool = False) -> None:
-    """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors)."""
+def send_error(request: Request, exc: SidecarError, *, close: bool = False,
+               resource_metadata: str | None = None) -> None:
+    """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors); a 401's challenge names
+    ``resource_metadata`` when given (oauth.mode = "validate")."""
     status, fields, body = exc.render()
+    if resource_metadata is not None and status == 401:
+        fields = with_resource_metadata(fields, resource_metadata)
     request.respond(status, reason_phrase(status), fields, body, close=close or exc.close)
 
 
@@ -116,17 +120,20 @@ class ProxyHandler:
         self._bindings = bindings
         self._head_timeout = settings.upstream_timeout_seconds
         self._mcp = McpGate(metrics, activity)
+        self._resource_metadata = authenticator.resource_metadata
 
     def client_address(self, request: ClientRequest) -> str:
         return client_address(request, self._trusted)
 
-    async def __call__(self, request: Request) -> None:
+    async def __call__(self, request: Request, caller: Principal | None = None) -> None:
+        """Proxy ``request``; ``caller`` is given when no authentication applies (pass-through
+        mode's OAuth discovery requests, sidecar.runtime.public_app)."""
         started = time.perf_counter()
         outcome = _Outcome()
         principal: Principal | None = None
         try:
             self._guard(request)
-            principal = await self._auth.authenticate(request)
+            principal = caller or await self._auth.authenticate(request, users=True)
             await self._forward(request, principal, outcome, started)
         except SidecarError as exc:
             outcome.status = exc.status
@@ -136,13 +143,15 @@ class ProxyHandler:
                 # A request the guard refused to interpret (bad Host, an upgrade, an odd target):
                 # read nothing more from this connection (RFC 9112 9.6, 11.2).
                 send_error(request, exc, close=principal is None and isinstance(exc, ProxyError)
-                           and exc.status == 400)
+                           and exc.status == 400, resource_metadata=self._resource_metadata)
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
-            self._metrics.count_request(status, request.method)
+            kind = principal.kind if principal else "none"
+            self._metrics.count_request(status, request.method, kind)
             headers = request.headers
             mcp = outcome.mcp
             self._log.access(
+                kind=kind,
                 key_id=principal.key_id if principal else None,
                 key_name=principal.name if principal else None,
                 client=request.remote, method=request.method, path=request.path,
@@ -224,12 +233,18 @@ class ProxyHandler:
         pool = self._pool
         # htu is the target the upstream receives: the upstream's base path + the client's target.
         target = pool.base_path + request.raw_path
-        fields = upstream_header_lines(
-            request.headers.items(), principal=principal,
-            assertion=self._signer.sign(principal, request.method, target),
-            peer=request.remote or "unknown", peer_trusted=is_trusted(request.remote, self._trusted),
-            proto=request.scheme, host=request.host,
-        )
+        if principal.kind == PASSTHROUGH:
+            # The upstream authenticates this one itself: its token passes, no identity is added.
+            fields = passthrough_header_lines(
+                request.headers.items(), peer=request.remote or "unknown",
+                peer_trusted=is_trusted(request.remote, self._trusted), proto=request.scheme, host=request.host)
+        else:
+            fields = upstream_header_lines(
+                request.headers.items(), principal=principal,
+                assertion=self._signer.sign(principal, request.method, target),
+                peer=request.remote or "unknown", peer_trusted=is_trusted(request.remote, self._trusted),
+                proto=request.scheme, host=request.host,
+            )
         too_large = False
         malformed = False
         policy = principal.tools

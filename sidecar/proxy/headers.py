@@ -29,7 +29,7 @@ _RESPONSE_DROP = HOP_BY_HOP | {"content-length"}
 
 
 IDENTITY_HEADERS = ("X-Toolio-Key-Id", "X-Toolio-Key-Name", "X-Toolio-Workspace", "X-Toolio-Roles",
-                    "X-Toolio-Permissions", "X-Toolio-Assertion")
+                    "X-Toolio-Permissions", "X-Toolio-Subject", "X-Toolio-Assertion")
 
 
 def connection_tokens(values: Iterable[str]) -> set[str]:
@@ -68,6 +68,47 @@ def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Pri
     """What goes upstream: the client's headers minus credentials, hop-by-hop fields, anything
     that could pose as our identity headers, and untrusted forwarding info; plus exactly one
     of each identity and X-Forwarded-* header."""
+    kept = _client_fields(incoming, peer=peer, peer_trusted=peer_trusted, proto=proto, host=host)
+    # None of these names can be in ``kept`` (dropped above), so appending keeps exactly one.
+    kept += (
+        ("X-Toolio-Key-Id", principal.key_id),
+        ("X-Toolio-Key-Name", principal.name),
+        ("X-Toolio-Workspace", principal.workspace),
+        ("X-Toolio-Roles", principal.roles_header),
+        ("X-Toolio-Permissions", principal.permissions_header),
+        ("X-Toolio-Subject", principal.subject),
+        ("X-Toolio-Assertion", assertion),
+    )
+    return kept
+
+
+def passthrough_header_lines(incoming: Iterable[tuple[str, str]], *, peer: str, peer_trusted: bool, proto: str,
+                             host: str) -> list[tuple[str, str]]:
+    """What goes upstream in ``oauth.mode = "pass-through"`` for a request that is not a key's
+    (docs/reference/config.md, [oauth]): the same filtering, but the client's one
+    ``Authorization: Bearer`` field passes unchanged when its token is not shaped like a key (the
+    upstream does its own OAuth), and no identity header is added. A key never passes."""
+    items = incoming if isinstance(incoming, list | tuple) else list(incoming)
+    return _client_fields(items, peer=peer, peer_trusted=peer_trusted, proto=proto, host=host,
+                          authorization=forwardable_authorization(items))
+
+
+def forwardable_authorization(items: Iterable[tuple[str, str]]) -> str | None:
+    """The value of the request's single ``Authorization: Bearer <token>`` field when the token is
+    not shaped like a key (``tak_``, any case); else None."""
+    values = [value for name, value in items if name.lower() == "authorization"]
+    if len(values) != 1:
+        return None
+    scheme, _, token = values[0].partition(" ")
+    if scheme.lower() != "bearer" or not token or token[:4].lower() == "tak_":
+        return None
+    return values[0]
+
+
+def _client_fields(incoming: Iterable[tuple[str, str]], *, peer: str, peer_trusted: bool, proto: str, host: str,
+                   authorization: str | None = None) -> list[tuple[str, str]]:
+    """The client's fields that may go upstream, then exactly one of each X-Forwarded-* field;
+    ``authorization``: the one Authorization value that passes (pass-through mode only)."""
     items = incoming if isinstance(incoming, list | tuple) else list(incoming)
     named_in_connection: set[str] = set()
     for name, value in items:
@@ -79,7 +120,11 @@ def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Pri
     forwarded_host: str | None = None
     for name, value in items:
         action = _action(name)
-        if action == _DROP or (named_in_connection and name.lower() in named_in_connection):
+        if named_in_connection and name.lower() in named_in_connection:
+            continue
+        if action == _DROP:
+            if authorization is not None and value == authorization and name.lower() == "authorization":
+                kept.append((name, value))
             continue
         if action == _FORWARDING:
             if peer_trusted:
@@ -96,17 +141,10 @@ def upstream_header_lines(incoming: Iterable[tuple[str, str]], *, principal: Pri
         kept.append((name, value))
     # X-Forwarded-For lists hops left to right; the peer we saw is always the last one.
     forwarded_for.append(peer)
-    # None of these names can be in ``kept`` (dropped above), so appending keeps exactly one.
     kept += (
         ("X-Forwarded-For", ", ".join(forwarded_for)),
         ("X-Forwarded-Proto", forwarded_proto or proto),
         ("X-Forwarded-Host", forwarded_host or host),
-        ("X-Toolio-Key-Id", principal.key_id),
-        ("X-Toolio-Key-Name", principal.name),
-        ("X-Toolio-Workspace", principal.workspace),
-        ("X-Toolio-Roles", principal.roles_header),
-        ("X-Toolio-Permissions", principal.permissions_header),
-        ("X-Toolio-Assertion", assertion),
     )
     return kept
 

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 from sidecar.errors import JsonRpcRefusal, ProxyError
 from sidecar.gate import jsonrpc
 from sidecar.gate.jsonrpc import TOOLS_CALL, McpMessage, Unreadable
-from sidecar.gate.principal import Principal
+from sidecar.gate.principal import PASSTHROUGH, Principal
 from sidecar.gate.tools import ToolPolicy, Unfilterable, dumps, load_answer, may_hold_tools
 from sidecar.http.sse import EventSplitter, EventTooLarge, event_data, with_data
 from sidecar.metrics import Metrics
@@ -138,6 +138,8 @@ class McpGate:
         self._recorder = recorder
 
     def _record(self, principal: Principal, calls: Iterable[jsonrpc.McpCall], outcome: str, client: str) -> None:
+        if principal.kind == PASSTHROUGH:
+            return  # the upstream authenticates and authorizes these; the sidecar knows no caller
         counter = self._metrics.tool_call_outcomes[outcome]
         for call in calls:
             if call.method != TOOLS_CALL:

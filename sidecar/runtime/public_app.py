@@ -1,5 +1,19 @@
-"""The public listener's application: ``GET /healthz``, the JWKS and the OAuth discovery probes
-answered here without auth; every other request goes to the proxy handler."""
+"""The public listener's application: ``GET /healthz``, the JWKS and the OAuth discovery paths
+answered here without auth; every other request goes to the proxy handler.
+
+The discovery paths (RFC 9728 protected resource metadata, RFC 8414 authorization server
+metadata, OpenID Connect discovery, and everything below each) depend on ``oauth.mode``
+(docs/reference/config.md, [oauth]):
+
+* ``off``: a JSON 404 for any method, so MCP clients using keys learn at once that there is no
+  OAuth here;
+* ``pass-through``: ``GET``, ``HEAD`` and ``OPTIONS`` go to the upstream, which does its own OAuth
+  (without any key, identity header or Authorization other than a non-key Bearer token); other
+  methods get 405;
+* ``validate``: this sidecar is the resource server: ``/.well-known/oauth-protected-resource``
+  and the same path suffixed with the resource's path answer its metadata; the rest 404 (the
+  authorization server publishes its own metadata, at the issuer).
+"""
 
 from __future__ import annotations
 
@@ -8,8 +22,7 @@ import json
 from sidecar.http.server import Request
 from sidecar.runtime.services import Services
 
-# OAuth discovery probes (RFC 9728, RFC 8414, OIDC Discovery) answered with a JSON 404 so MCP
-# clients in API-key mode learn at once that there is no authorization server here.
+# OAuth discovery paths (RFC 9728, RFC 8414, OIDC Discovery); see the module docstring.
 DISCOVERY_PREFIXES = ("/.well-known/oauth-protected-resource", "/.well-known/oauth-authorization-server",
                       "/.well-known/openid-configuration")
 
@@ -37,15 +50,52 @@ class ProxyApp:
             assert signer is not None
             request.respond(200, "OK", _JWKS_HEADERS, signer.jwks_body)
         elif path in DISCOVERY_PREFIXES or path.startswith(_DISCOVERY_TREES):
-            # Any method: a probe is never forwarded upstream or answered with an auth challenge.
-            request.respond(404, "Not Found", _JSON, _NOT_OAUTH)
+            await self._discovery(request, path, method)
         else:
             proxy = self.services.proxy
             assert proxy is not None
             await proxy(request)
 
 
+    async def _discovery(self, request: Request, path: str, method: str) -> None:
+        oauth = self.services.oauth
+        if oauth.mode == "pass-through":
+            if method not in _METADATA_METHODS:
+                request.respond(405, "Method Not Allowed", (*_JSON, _ALLOW), _NOT_ALLOWED)
+                return
+            proxy = self.services.proxy
+            assert proxy is not None and oauth.passthrough is not None
+            await proxy(request, oauth.passthrough)
+        elif oauth.mode == "validate" and path in oauth.metadata_paths:
+            if method in ("GET", "HEAD"):
+                request.respond(200, "OK", _METADATA_HEADERS, oauth.metadata_body)
+            elif method == "OPTIONS":
+                # A CORS preflight from a browser-based MCP client: public metadata, any origin.
+                request.respond(204, "No Content", _PREFLIGHT, b"")
+            else:
+                request.respond(405, "Method Not Allowed", (*_JSON, _ALLOW), _NOT_ALLOWED)
+        else:
+            # Never forwarded upstream or answered with an auth challenge.
+            request.respond(404, "Not Found", _JSON, _NOT_OAUTH if oauth.mode == "off" else _NOT_HERE)
+
+
 _DISCOVERY_TREES = tuple(prefix + "/" for prefix in DISCOVERY_PREFIXES)
+
+
+_METADATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+_ALLOW = ("Allow", "GET, HEAD, OPTIONS")
+
+
+_CORS = (("Access-Control-Allow-Origin", "*"),)
+
+
+_METADATA_HEADERS = (("Content-Type", "application/json"), ("Cache-Control", "public, max-age=300"), *_CORS)
+
+
+_PREFLIGHT = (*_CORS, ("Access-Control-Allow-Methods", "GET, HEAD, OPTIONS"),
+              ("Access-Control-Allow-Headers", "MCP-Protocol-Version"), ("Access-Control-Max-Age", "600"))
 
 
 _JSON = (("Content-Type", "application/json"), ("Cache-Control", "no-store"))
@@ -58,6 +108,15 @@ _OK = json.dumps({"status": "ok"}).encode()
 
 
 _NOT_FOUND = json.dumps({"error": "not_found", "error_description": "Not Found"}).encode()
+
+
+_NOT_ALLOWED = json.dumps({"error": "method_not_allowed",
+                           "error_description": "OAuth discovery paths take GET, HEAD and OPTIONS"}).encode()
+
+
+_NOT_HERE = json.dumps({
+    "error": "not_found",
+    "error_description": "No such metadata here; the authorization server publishes its own at its issuer"}).encode()
 
 
 _NOT_OAUTH = json.dumps({

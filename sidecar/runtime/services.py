@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from sidecar.gate.authenticator import Authenticator, LastUsed
 from sidecar.gate.cache import KeyCache
+from sidecar.gate.oauth import OAuthGate
 from sidecar.gate.peers import ClientRequest
 from sidecar.gate.sessions import SessionBindings
 from sidecar.http.client import UpstreamPool
@@ -60,6 +61,7 @@ class Services:
         self.events = KeyEvents(self.store, self.cache, self.streams, self.metrics, self.log,
                                 max_staleness_seconds=settings.store.max_staleness_seconds)
         self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.events.key_changed)
+        self.oauth = OAuthGate(settings, self.metrics, self.log)
         self.signer: Signer | None = None
         self.pool: UpstreamPool | None = None
         self.authenticator: Authenticator | None = None
@@ -91,6 +93,7 @@ class Services:
             self.signer = Signer(await signing_keys(settings.signing, settings.data_dir, self.store),
                                  settings.signing)
             await self.events.start()
+            await self.oauth.open()
         except BaseException:
             await self.store.close()
             raise
@@ -100,7 +103,8 @@ class Services:
                                  connect_timeout=proxy.upstream_timeout_seconds)
         self.metrics.watch_pool(self.pool)
         self.authenticator = Authenticator(settings, self.store, self.cache, self.hasher, self.metrics,
-                                           self.audit, self.last_used, self._client_address, trust=self.events)
+                                           self.audit, self.last_used, self._client_address, trust=self.events,
+                                           oauth=self.oauth)
         self.events.on_enabled = self.authenticator.forgive
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
                                   self.log, self.streams, self.bindings, self.activity)
@@ -128,6 +132,7 @@ class Services:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
         await self.events.close()
+        await self.oauth.close()
         if self.authenticator is not None:
             await self.authenticator.close()
         await self.flush()

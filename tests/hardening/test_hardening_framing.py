@@ -299,6 +299,8 @@ SPOOFS: tuple[tuple[str, str], ...] = (
     ("X-Toolio-Workspace", "other2"),
     ("X-Toolio-Assertion", "forged.jwt.value"),
     ("X_TOOLIO_ASSERTION", "forged2"),
+    ("X-Toolio-Subject", "user:admin"),
+    ("x_toolio_subject", "user:admin2"),
     ("X-Toolio-Anything-Else", "evil"),
     ("Some_Header", "evil-underscore"),
     ("X-Hop-Secret", "evil-hop"),
@@ -348,6 +350,7 @@ async def test_spoofed_identity_headers_never_reach_the_upstream_only_the_sideca
         "x-toolio-workspace": "acme",
         "x-toolio-roles": "viewer",
         "x-toolio-permissions": "plans:read",
+        "x-toolio-subject": f"key:{record.id}",
     }
     for name, value in expected.items():
         assert [v for n, v in lines if n.lower() == name] == [value], name
@@ -392,7 +395,7 @@ async def test_forwarding_headers_from_a_trusted_proxy_are_kept_and_appended(
     assert [v for n, v in lines if n.lower() == "forwarded"] == ["for=6.6.6.6;host=evil.example;proto=gopher"]
     # Identity is never something a proxy can vouch for: still exactly the sidecar's.
     assert [v for n, v in lines if n.lower() == "x-toolio-key-id"] == [record.id]
-    assert len([n for n in names if n.startswith("x-toolio-")]) == 6
+    assert len([n for n in names if n.startswith("x-toolio-")]) == 7
     assert all("_" not in n for n in names)
 
 

@@ -1,6 +1,8 @@
 """Property: whatever headers a client sends, ``upstream_header_lines`` hands the upstream no
 credentials, no hop-by-hop fields, nothing that could pose as our identity, and exactly one of
-each identity and X-Forwarded-* header (docs/reference/headers.md; RFC 9110 7.6.1; MCP: no token passthrough)."""
+each identity and X-Forwarded-* header (docs/reference/headers.md; RFC 9110 7.6.1; MCP: no token passthrough).
+In pass-through mode (``passthrough_header_lines``) the one non-key Bearer field passes and no
+identity is added."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from multidict import CIMultiDict
 
 from sidecar.gate.principal import Principal
 from sidecar.keys.records import ENABLED, KeyRecord
-from sidecar.proxy.headers import HOP_BY_HOP, IDENTITY_HEADERS, upstream_header_lines
+from sidecar.proxy.headers import HOP_BY_HOP, IDENTITY_HEADERS, passthrough_header_lines, upstream_header_lines
 from sidecar.settings import settings_from_mapping
 
 SETTINGS = settings_from_mapping({"roles": {"viewer": {"permissions": ["plans:read"]},
@@ -36,6 +38,7 @@ EXPECTED_IDENTITY = {
     "x-toolio-workspace": "acme",
     "x-toolio-roles": "viewer,writer",
     "x-toolio-permissions": "plans:read,plans:write",
+    "x-toolio-subject": "key:key_0123456789abcdef",
     "x-toolio-assertion": ASSERTION,
 }
 FORWARDED_OWNED = ("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host")
@@ -142,8 +145,43 @@ def test_connection_named_fields_and_disguised_identity_are_dropped_in_a_known_c
         ("X-Toolio-Workspace", "acme"),
         ("X-Toolio-Roles", "viewer,writer"),
         ("X-Toolio-Permissions", "plans:read,plans:write"),
+        ("X-Toolio-Subject", "key:key_0123456789abcdef"),
         ("X-Toolio-Assertion", ASSERTION),
     ]
+
+
+bearer_values = st.one_of(
+    st.builds(lambda scheme, token: f"{scheme} {token}", st.sampled_from(["Bearer", "bearer", "Basic"]),
+              st.one_of(st.text(alphabet=string.ascii_letters + string.digits + "-._~+/", min_size=1, max_size=30),
+                        st.builds(lambda case, body: case + body, st.sampled_from(["tak_", "TAK_", "Tak_"]),
+                                  st.text(alphabet=string.ascii_letters + string.digits, max_size=46)))),
+    values,
+)
+with_credentials = st.lists(st.one_of(st.tuples(header_names, values),
+                                      st.tuples(st.sampled_from(["Authorization", "authorization"]), bearer_values)),
+                            max_size=16)
+
+
+@settings(max_examples=200)
+@given(with_credentials, peers, st.booleans())
+def test_pass_through_forwards_only_one_non_key_bearer_field_and_no_identity(
+        incoming: list[tuple[str, str]], peer: str, trusted: bool) -> None:
+    out = passthrough_header_lines(incoming, peer=peer, peer_trusted=trusted, proto="https", host="h")
+    names = [name.lower() for name, _ in out]
+    assert not [n for n in names if n.startswith("x-toolio-") or "_" in n]
+    assert not HOP_BY_HOP & set(names)
+    sent = [value for name, value in out if name.lower() == "authorization"]
+    given_values = [value for name, value in incoming if name.lower() == "authorization"]
+    named = _named_in_connection(incoming)
+    scheme, _, token = given_values[0].partition(" ") if len(given_values) == 1 else ("", "", "")
+    if (len(given_values) == 1 and scheme.lower() == "bearer" and token and not token.lower().startswith("tak_")
+            and "authorization" not in named):
+        assert sent == given_values
+    else:
+        assert sent == []
+    assert not [v for v in sent if v.partition(" ")[2].lower().startswith("tak_")]   # a key never passes
+    for header in FORWARDED_OWNED:
+        assert len([n for n in names if n == header]) == 1, header
 
 
 @pytest.mark.parametrize("change", [
