@@ -508,6 +508,7 @@
     "key.disabled": "Key disabled",
     "key.enabled": "Key enabled",
     "key.rotated": "Key rotated",
+    "key.imported": "Key imported",
     "admin.login": "Signed in",
     "admin.login_failed": "Sign-in failed",
     "admin.logout": "Signed out",
