@@ -115,6 +115,7 @@ class ProxyHandler:
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
             self._metrics.count_request(status, request.method)
+            self._metrics.observe_request(request.method, time.perf_counter() - started)
             headers = request.headers
             self._log.access(
                 key_id=principal.key_id if principal else None,
