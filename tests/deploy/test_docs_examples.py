@@ -199,10 +199,21 @@ async def test_python_client_example_calls_a_tool_and_explains_refusals(
     url = mcp_url(identity_server.proxy_url)
     assert (await client.call_whoami(url, key))["key_name"] == "agent-7"
     caplog.set_level(logging.WARNING, logger="toolio.client")
-    with pytest.raises(Exception):  # noqa: B017,PT011 - the SDK's error says only "Server returned an error response"
+    with pytest.raises(ExceptionGroup) as refused:  # refused while connecting: the SDK's task group
         await client.call_whoami(url, key[:-1] + ("x" if key[-1] != "x" else "y"))
+    # What docs/agent-developers.md (Troubleshooting) says the SDK shows: no status, hence the hook.
+    assert {(type(e).__name__, str(e)) for e in leaves(refused.value)} == {
+        ("MCPError", "Server returned an error response")}
     assert "HTTP 401 invalid_token" in caplog.text
     assert key[:-1] not in caplog.text
+
+
+def leaves(error: BaseException) -> Iterator[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        for inner in error.exceptions:
+            yield from leaves(inner)
+    else:
+        yield error
 
 
 # --- TypeScript (Node) --------------------------------------------------------------------
