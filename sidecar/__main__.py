@@ -29,6 +29,7 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
+from sidecar import __version__
 from sidecar.keys.audit import AuditLog
 from sidecar.keys.errors import InvalidInput, KeyDomainError
 from sidecar.keys.format import KeyHasher, generate_key, preview
@@ -78,6 +79,7 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="toolio-sidecar", description="API-key auth sidecar for Toolio's MCP server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Iterator
-from importlib import metadata
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, ProcessCollector
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from sidecar import __version__
 
 if TYPE_CHECKING:
     from sidecar.http.client import UpstreamPool
@@ -114,11 +115,7 @@ class Metrics:
         self.upstream_errors = Counter(
             PREFIX + "upstream_errors", "Upstream failures by kind.", ("kind",), registry=registry)
         self.build_info = Info(PREFIX + "build", "Build information.", registry=registry)
-        try:
-            version = metadata.version("toolio-sidecar")
-        except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-            version = "unknown"
-        self.build_info.info({"version": version})
+        self.build_info.info({"version": __version__})
 
         self._failure_children = {r: self.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
         for kind in ("unreachable", "timeout", "reset", "pool_exhausted", "body_too_large"):
