@@ -1,9 +1,13 @@
 # toolio-sidecar container image.
-#   docker build -t toolio-sidecar .
+#   docker build -t toolio-sidecar:0.1.0 --build-arg REVISION="$(git rev-parse HEAD)" .
+# VERSION must be the version in pyproject.toml (the build checks it); it becomes the
+# org.opencontainers.image.version label.
 #   docker run --read-only --tmpfs /tmp -v toolio-data:/data -p 8080:8080 toolio-sidecar
 # Both stages use the same base so the virtualenv's interpreter path is valid at runtime.
 
 FROM python:3.11-slim AS builder
+
+ARG VERSION=0.1.0
 
 ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -14,7 +18,7 @@ ENV PATH="/opt/venv/bin:$PATH"
 
 WORKDIR /src
 # Project metadata first, then the packages (see .dockerignore for the build context).
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY sidecar/ sidecar/
 COPY admin/ admin/
 COPY demo/ demo/
@@ -27,13 +31,21 @@ COPY demo/ demo/
 RUN pip install --no-cache-dir ".[fast]" \
     && pip uninstall --yes pip setuptools \
     && /opt/venv/bin/python -c "import importlib, pkgutil, sidecar, admin, uvloop; [importlib.import_module(m.name) for p in (sidecar, admin) for m in pkgutil.walk_packages(p.__path__, p.__name__ + '.')]" \
-    && test -x /opt/venv/bin/toolio-sidecar
+    && test -x /opt/venv/bin/toolio-sidecar \
+    && test "$(/opt/venv/bin/python -c 'import sidecar; print(sidecar.__version__)')" = "${VERSION}"
 
 
 FROM python:3.11-slim AS runtime
 
+ARG VERSION=0.1.0
+ARG REVISION=unknown
+
 LABEL org.opencontainers.image.title="toolio-sidecar" \
-      org.opencontainers.image.description="API-key auth reverse proxy for Toolio's MCP server"
+      org.opencontainers.image.description="API-key auth reverse proxy for Toolio's MCP server" \
+      org.opencontainers.image.version="${VERSION}" \
+      org.opencontainers.image.revision="${REVISION}" \
+      org.opencontainers.image.vendor="Toolio" \
+      org.opencontainers.image.licenses="LicenseRef-Proprietary"
 
 # Nothing is written at run time except under /data (the SQLite store) and /tmp.
 # stdout is flushed by the sidecar itself every 0.5 s; no PYTHONUNBUFFERED (a syscall per line).

@@ -4,6 +4,8 @@
     toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--json]
     toolio-sidecar keys list|show ID|disable ID|enable ID [--json]
     toolio-sidecar keys rotate ID --name NEW [--disable-old-at T] [--json]
+    toolio-sidecar keys generate [--json]
+    toolio-sidecar keys import --name NAME --role ROLE [--role ROLE ...] [--json]   (value on stdin or in an env var)
     toolio-sidecar demo
 
 Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config. Every
@@ -27,9 +29,11 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
+from sidecar import __version__
 from sidecar.keys.audit import AuditLog
 from sidecar.keys.errors import InvalidInput, KeyDomainError
-from sidecar.keys.format import KeyHasher
+from sidecar.keys.format import KeyHasher, generate_key, preview
+from sidecar.keys.importer import IMPORT_KEY_ENV, import_key
 from sidecar.keys.manager import KeyManager, key_json
 from sidecar.keys.records import DISABLED, ENABLED
 from sidecar.keys.store import store_for
@@ -75,6 +79,7 @@ def _port(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="toolio-sidecar", description="API-key auth sidecar for Toolio's MCP server.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -100,6 +105,7 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("id")
     rotate.add_argument("--name", required=True)
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
+    _add_bootstrap_commands(keys, with_config)
     for sub in keys.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -305,6 +311,77 @@ async def _rotate_signing(settings: Settings, as_json: bool) -> int:
     return 0
 
 
+def _add_bootstrap_commands(keys: Any,
+                            with_config: Callable[[argparse.ArgumentParser], argparse.ArgumentParser]) -> None:
+    """``keys generate`` and ``keys import``: a first admin key from a Secret (docs/reference/cli.md)."""
+    with_config(keys.add_parser(
+        "generate", help="print a new key value, made offline (nothing is stored; see keys import)"))
+    imported = with_config(keys.add_parser(
+        "import", help=f"store a key value read from ${IMPORT_KEY_ENV} or standard input; idempotent"))
+    imported.add_argument("--name", required=True)
+    imported.add_argument("--role", action="append", required=True, dest="roles")
+
+
+def _generate(as_json: bool) -> int:
+    key = generate_key()
+    print(json.dumps({"key": key.full, "preview": preview(key.lookup_id)}) if as_json else key.full)
+    return 0
+
+
+def _import_value() -> str:
+    """The value to import: ``$TOOLIO_SIDECAR_IMPORT_KEY`` when set, else standard input (a prompt
+    that does not echo when it is a terminal). Surrounding whitespace (a file's newline) is dropped."""
+    from_env = os.environ.get(IMPORT_KEY_ENV)
+    if from_env:
+        return from_env.strip()
+    if sys.stdin.isatty():
+        import getpass
+
+        return getpass.getpass("key value (not echoed): ").strip()
+    return sys.stdin.read().strip()
+
+
+def _import(args: argparse.Namespace, settings: Settings) -> int:
+    as_json: bool = args.json
+    value = _import_value()
+    if not value:
+        return _refuse(InvalidInput("invalid_key", f"no key value: set ${IMPORT_KEY_ENV} or pass it on standard "
+                                                    "input (make one with `toolio-sidecar keys generate`)", "key"),
+                       as_json)
+
+    async def run() -> int:
+        store = await _opened(settings)
+        try:
+            audit = AuditLog(store, JsonLog(stream=sys.stderr, level="warning"), Metrics(CollectorRegistry()),
+                             settings.workspace)
+            result = await import_key(settings, store, KeyHasher(settings.argon2), audit, value=value,
+                                      name=args.name, roles=args.roles, actor="cli")
+        finally:
+            await store.close()
+        data = key_json(result.record, settings)
+        if result.roles_differ:
+            print(f"note: key {result.record.name} keeps its roles ({', '.join(data['roles'])}); import never "
+                  "changes an existing key", file=sys.stderr)
+        if as_json:
+            print(json.dumps({**data, "imported": result.imported}, indent=2))
+        else:
+            print(f"imported key {data['name']} ({data['preview']})" if result.imported else
+                  f"key {data['name']} ({data['preview']}) is already there; nothing changed")
+            _print_key(data, False)
+        return 0
+
+    try:
+        return asyncio.run(run())
+    except KeyDomainError as exc:
+        return _refuse(exc, as_json)
+    except SettingsError as exc:
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
+        return 1
+
+
 def _demo_command() -> Callable[..., int] | None:
     """The ``demo`` command, joined through an entry point as the admin package is: the demo
     builds on the sidecar, never the other way round. None (with a one-line message) when the
@@ -337,6 +414,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_demo(port=args.port, once=args.once, roles=roles)
     if args.command == "store":
         return _run_one_line(_copy(args.from_config, args.to_config, args.json))
+    if args.command == "keys" and args.keys_command == "generate":
+        return _generate(args.json)
     try:
         settings = _settings(args)
     except SettingsError as exc:
@@ -346,6 +425,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run_one_line(_migrate(settings, args.json))
     if args.command == "signing":
         return _run_one_line(_rotate_signing(settings, args.json))
+    if args.command == "keys" and args.keys_command == "import":
+        return _import(args, settings)
     if args.command == "serve":
         from sidecar.runtime.server import serve
 

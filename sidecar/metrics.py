@@ -3,17 +3,23 @@
 Labels are bounded by construction: status class, a fixed set of methods, a fixed set of
 failure reasons. Never a key, a path, a client address or free text. Hot-path children are
 resolved once and kept in dicts so a request pays a dict lookup, not ``.labels()``.
+
+The registry also carries the client library's process (``process_*``: CPU, resident memory,
+open files) and Python garbage-collector (``python_gc_*``) collectors: argon2id is memory-hard,
+so memory is worth watching next to the request metrics.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from collections.abc import Iterator
-from importlib import metadata
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, GCCollector, Histogram, Info, ProcessCollector
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
+
+from sidecar import __version__
 
 if TYPE_CHECKING:
     from sidecar.http.client import UpstreamPool
@@ -21,6 +27,10 @@ if TYPE_CHECKING:
 PREFIX = "toolio_sidecar_"
 METHODS = ("GET", "POST", "DELETE", "PUT", "PATCH", "HEAD", "OPTIONS")
 STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
+# Whole requests, from the head read to the last byte of the answer: a JSON-RPC answer in
+# milliseconds, a tool call streamed as SSE for as long as the tool runs, and the 2025-era GET
+# stream for its whole life (hence the long top buckets).
+REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 AUTH_FAILURE_REASONS = ("missing", "malformed", "invalid", "disabled", "expired", "rate_limited",
                         "workspace",
                         # OAuth access tokens (oauth.mode = "validate"; docs/reference/metrics.md)
@@ -40,8 +50,11 @@ class _HotCounters(Collector):
         self.by_kind: dict[tuple[str, str], int] = {
             (kind, cls): 0 for kind in CALLER_KINDS for cls in STATUS_CLASSES}
         self.cache_hits = 0
+        # method -> per-bucket counts (not cumulative; the last one is +Inf) and their sum.
+        self.durations: dict[str, list[int]] = {}
+        self.duration_sums: dict[str, float] = {}
 
-    def collect(self) -> Iterator[CounterMetricFamily]:
+    def collect(self) -> Iterator[CounterMetricFamily | HistogramMetricFamily]:
         requests = CounterMetricFamily(PREFIX + "requests", "Proxied requests by response status class and method.",
                                        labels=("status_class", "method"))
         for (cls, method), count in self.requests.items():
@@ -53,6 +66,20 @@ class _HotCounters(Collector):
             by_kind.add_metric((kind, cls), count)
         yield by_kind
         yield CounterMetricFamily(PREFIX + "cache_hits", "Verified-key cache hits.", value=self.cache_hits)
+        durations = HistogramMetricFamily(
+            PREFIX + "request_duration_seconds",
+            "Proxied requests from the request head to the last byte of the answer, by method.", labels=("method",))
+        for method, counts in sorted(self.durations.items()):
+            cumulative, buckets = 0, []
+            for bound, count in zip((*REQUEST_SECONDS_BUCKETS, float("inf")), counts, strict=True):
+                cumulative += count
+                buckets.append((_bound_text(bound), cumulative))
+            durations.add_metric((method,), buckets, self.duration_sums[method])
+        yield durations
+
+
+def _bound_text(bound: float) -> str:
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 class Metrics:
@@ -60,6 +87,8 @@ class Metrics:
         self.registry = registry
         self.hot = _HotCounters()
         registry.register(self.hot)
+        ProcessCollector(registry=registry)
+        GCCollector(registry=registry)
         self.auth_failures = Counter(
             PREFIX + "auth_failures", "Failed authentications by reason.", ("reason",), registry=registry)
         self.cache_misses = Counter(PREFIX + "cache_misses", "Verified-key cache misses.", registry=registry)
@@ -107,11 +136,7 @@ class Metrics:
             PREFIX + "tool_lists_filtered", "tools/list results filtered for a key's tool policy.",
             registry=registry)
         self.build_info = Info(PREFIX + "build", "Build information.", registry=registry)
-        try:
-            version = metadata.version("toolio-sidecar")
-        except metadata.PackageNotFoundError:  # pragma: no cover - running from a source tree
-            version = "unknown"
-        self.build_info.info({"version": version})
+        self.build_info.info({"version": __version__})
 
         self._failure_children = {r: self.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
         self.tool_call_outcomes = {o: self.tool_calls.labels(o) for o in ("allowed", "denied")}
@@ -136,6 +161,17 @@ class Metrics:
         by_kind = (kind, cls)
         if by_kind in self.hot.by_kind:
             self.hot.by_kind[by_kind] += 1
+
+    def observe_request(self, method: str, seconds: float) -> None:
+        """One proxied request's whole duration (``toolio_sidecar_request_duration_seconds``)."""
+        if method not in METHODS:
+            method = "OTHER"
+        counts = self.hot.durations.get(method)
+        if counts is None:
+            counts = self.hot.durations[method] = [0] * (len(REQUEST_SECONDS_BUCKETS) + 1)
+            self.hot.duration_sums[method] = 0.0
+        counts[bisect_left(REQUEST_SECONDS_BUCKETS, seconds)] += 1
+        self.hot.duration_sums[method] += seconds
 
     def count_cache_hit(self) -> None:
         self.hot.cache_hits += 1

@@ -546,6 +546,7 @@
     "key.enabled": "Key enabled",
     "key.rotated": "Key rotated",
     "key.expired": "Key expired",
+    "key.imported": "Key imported",
     "admin.login": "Signed in",
     "admin.login_failed": "Sign-in failed",
     "admin.logout": "Signed out",

@@ -148,6 +148,7 @@ class ProxyHandler:
             status = outcome.status or 499  # 499: the client went away before an answer
             kind = principal.kind if principal else "none"
             self._metrics.count_request(status, request.method, kind)
+            self._metrics.observe_request(request.method, time.perf_counter() - started)
             headers = request.headers
             mcp = outcome.mcp
             self._log.access(

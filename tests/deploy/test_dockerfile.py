@@ -298,3 +298,19 @@ def test_dockerignore_sends_what_the_dockerfile_copies_and_nothing_else() -> Non
     assert dockerignore_admits("admin/static/index.html", patterns)
     for kept_out in [".git", ".venv", "tests", "helm", "data", "sidecar/__pycache__", "admin/__pycache__/x.pyc"]:
         assert not dockerignore_admits(kept_out, patterns), kept_out
+
+
+def test_the_image_labels_carry_the_package_version_and_license() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for stage in stages():
+        defaults = dict(arg.split("=", 1) for arg in arguments_of("ARG", stage) if "=" in arg)
+        assert defaults["VERSION"] == project["version"]
+    labels = dict(pair.split("=", 1) for pair in shlex.split(" ".join(arguments_of("LABEL", runtime_stage()))))
+    assert labels["org.opencontainers.image.version"] == "${VERSION}"
+    assert labels["org.opencontainers.image.revision"] == "${REVISION}"
+    assert labels["org.opencontainers.image.licenses"] == project["license"]
+    # The builder refuses a VERSION build argument that is not the package's own version.
+    [install] = [run for run in arguments_of("RUN", stages()[0]) if "pip install" in run]
+    assert "sidecar.__version__" in install and '= "${VERSION}"' in install
+    with helm.Chart.load(CHART_DIR) as chart:
+        assert chart.metadata["appVersion"] == project["version"]

@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from sidecar.settings import load_settings
 from tests.support.config import REPOSITORY
+from tests.support.crds import validate_strictly
 from tests.support.helm import (
     CHART_DIR,
     FULLNAME,
@@ -129,6 +130,7 @@ def check_custom_resource(manifest: Manifest) -> None:
 def validate(manifest: Manifest) -> None:
     if (manifest["apiVersion"], manifest["kind"]) in CUSTOM_RESOURCE_KINDS:
         check_custom_resource(manifest)
+        validate_strictly(manifest)  # and against the Prometheus Operator CRD's own schema
         return
     kubernetes_validate.validate(manifest, KUBERNETES_VERSION, strict=True)
 
@@ -431,7 +433,11 @@ def test_network_policy_admits_proxy_port_and_admin_port_only_from_listed_peers(
     rules = {rule["ports"][0]["port"]: rule for rule in policy["spec"]["ingress"]}
     assert set(rules) == {8080, 9090}
     assert rules[8080]["from"] == [{"namespaceSelector": {"matchLabels": {"name": "ingress"}}}]
-    assert rules[9090]["from"] == [{"namespaceSelector": {"matchLabels": {"name": "monitoring"}}}]
+    # adminFrom, then (with the ServiceMonitor on) networkPolicy.metricsFrom's default: Prometheus's pods.
+    assert rules[9090]["from"] == [
+        {"namespaceSelector": {"matchLabels": {"name": "monitoring"}}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}},
+    ]
 
 
 def test_network_policy_without_admin_peers_keeps_admin_and_mcp_ports_closed(chart: helm.Chart) -> None:

@@ -50,6 +50,12 @@ async def test_metric_families_move_with_real_traffic_and_labels_stay_bounded(
 
     assert value("toolio_sidecar_requests_total", status_class="2xx", method="POST") == 3
     assert value("toolio_sidecar_requests_total", status_class="4xx", method="POST") == 2
+    # Every proxied POST, refused or not, in the end-to-end histogram; each within its +Inf bucket.
+    assert value("toolio_sidecar_request_duration_seconds_count", method="POST") == 5
+    assert value("toolio_sidecar_request_duration_seconds_bucket", method="POST", le="+Inf") == 5
+    assert value("toolio_sidecar_request_duration_seconds_sum", method="POST") > 0
+    assert value("process_resident_memory_bytes") > 0
+    assert value("python_gc_collections_total", generation="0") >= 0
     assert value("toolio_sidecar_auth_failures_total", reason="missing") == 1
     assert value("toolio_sidecar_auth_failures_total", reason="invalid") == 1
     assert value("toolio_sidecar_cache_misses_total") == 1

@@ -34,19 +34,20 @@ class CliResult:
 
 
 async def start_cli(*args: str, program: str | None = None, env: Mapping[str, str] | None = None,
-                    cwd: Path | None = None) -> asyncio.subprocess.Process:
-    """``python -m sidecar ARGS`` (or ``program ARGS``), started, output piped."""
+                    cwd: Path | None = None, stdin: bool = False) -> asyncio.subprocess.Process:
+    """``python -m sidecar ARGS`` (or ``program ARGS``), started, output (and with ``stdin``, input) piped."""
     command = [program] if program is not None else [sys.executable, "-m", "sidecar"]
     return await asyncio.create_subprocess_exec(
         *command, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=dict(env) if env is not None else None, cwd=cwd)
+        stdin=asyncio.subprocess.PIPE if stdin else None, env=dict(env) if env is not None else None, cwd=cwd)
 
 
 async def run_cli(*args: str, program: str | None = None, env: Mapping[str, str] | None = None,
-                  cwd: Path | None = None) -> CliResult:
-    """``python -m sidecar ARGS`` (or ``program ARGS``) in another process, to its end."""
-    proc = await start_cli(*args, program=program, env=env, cwd=cwd)
-    out, err = await asyncio.wait_for(proc.communicate(), 30)
+                  cwd: Path | None = None, stdin: bytes | None = None) -> CliResult:
+    """``python -m sidecar ARGS`` (or ``program ARGS``) in another process, to its end; ``stdin``
+    is written to its standard input."""
+    proc = await start_cli(*args, program=program, env=env, cwd=cwd, stdin=stdin is not None)
+    out, err = await asyncio.wait_for(proc.communicate(stdin), 30)
     assert proc.returncode is not None
     return CliResult(proc.returncode, out.decode(), err.decode())
 

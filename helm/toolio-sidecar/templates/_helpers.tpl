@@ -409,6 +409,40 @@ A rollingUpdate value is zero (0 or "0%").
 {{- end }}
 
 {{/*
+ingress-nginx annotations for `sessionAffinity` (docs/operations.md, Several MCP server pods).
+`key` hashes the Authorization header: every request of one API key, the initialize that
+creates a 2025-era session included, reaches the same pod. (A hash of Mcp-Session-Id alone
+would not: initialize carries no id, so the pod that creates a session is not the one its id
+hashes to.) nginx keeps the hash in memory; the key is not logged.
+*/}}
+{{- define "toolio-sidecar.ingressAffinityAnnotations" -}}
+{{- $a := .Values.sessionAffinity }}
+{{- if eq $a.mode "key" }}
+nginx.ingress.kubernetes.io/upstream-hash-by: "$http_authorization"
+{{- else if eq $a.mode "cookie" }}
+nginx.ingress.kubernetes.io/affinity: cookie
+nginx.ingress.kubernetes.io/affinity-mode: persistent
+nginx.ingress.kubernetes.io/session-cookie-name: {{ $a.cookieName | quote }}
+nginx.ingress.kubernetes.io/session-cookie-max-age: {{ $a.timeoutSeconds | toString | quote }}
+{{- end }}
+{{- end }}
+
+{{/*
+Roles of the bootstrap admin key: bootstrap.roles, else the role granting the admin permission.
+*/}}
+{{- define "toolio-sidecar.bootstrapRoles" -}}
+{{- if .Values.bootstrap.roles }}{{ toJson .Values.bootstrap.roles }}{{ else }}{{ list (include "toolio-sidecar.adminRole" .) | toJson }}{{ end }}
+{{- end }}
+
+{{/*
+The label selector of this release's scrape job (the admin Service, through the ServiceMonitor),
+for alert expressions.
+*/}}
+{{- define "toolio-sidecar.metricsSelector" -}}
+job="{{ include "toolio-sidecar.adminServiceName" . }}",namespace="{{ .Release.Namespace }}"
+{{- end }}
+
+{{/*
 Checks that stop a render with a message saying what to change.
 */}}
 {{- define "toolio-sidecar.validate" -}}
@@ -493,6 +527,23 @@ Checks that stop a render with a message saying what to change.
 {{- $budget := add (int $v.preStopSleepSeconds) (int (include "toolio-sidecar.shutdownGraceSeconds" .)) }}
 {{- if le (int (include "toolio-sidecar.terminationGracePeriodSeconds" .)) $budget }}
 {{- fail (printf "toolio-sidecar: terminationGracePeriodSeconds (%s) must be greater than preStopSleepSeconds + config.shutdown_grace_seconds (%d), or Kubernetes kills the sidecar before in-flight requests finish." (include "toolio-sidecar.terminationGracePeriodSeconds" .) $budget) }}
+{{- end }}
+{{- if and $v.httpRoute.enabled (not $v.httpRoute.parentRefs) }}
+{{- fail "toolio-sidecar: httpRoute.enabled is true but httpRoute.parentRefs is empty; name the Gateway (and its HTTPS listener) to attach to, e.g. [{name: public, namespace: gateway, sectionName: https}]." }}
+{{- end }}
+{{- $affinity := $v.sessionAffinity.mode }}
+{{- if and (eq $affinity "key") (not $v.ingress.enabled) }}
+{{- fail "toolio-sidecar: sessionAffinity.mode \"key\" hashes the Authorization header with ingress-nginx's upstream-hash-by, so it needs ingress.enabled. Gateway API has no portable header hash: use mode \"cookie\" with httpRoute, or your gateway's own consistent-hash policy on the Authorization header (docs/operations.md, Several MCP server pods)." }}
+{{- end }}
+{{- if and (eq $affinity "cookie") (not (or $v.ingress.enabled $v.httpRoute.enabled)) }}
+{{- fail "toolio-sidecar: sessionAffinity.mode \"cookie\" needs ingress.enabled (ingress-nginx) or httpRoute.enabled (Gateway API session persistence), which set the cookie." }}
+{{- end }}
+{{- if and $v.bootstrap.adminKeySecret $v.config.roles }}
+{{- range $role := include "toolio-sidecar.bootstrapRoles" . | fromJsonArray }}
+{{- if not (hasKey $v.config.roles $role) }}
+{{- fail (printf "toolio-sidecar: bootstrap.roles names %q, which is not in config.roles." $role) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and (include "toolio-sidecar.pdbEnabled" .) (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
 {{- fail "toolio-sidecar: the PodDisruptionBudget needs podDisruptionBudget.minAvailable or podDisruptionBudget.maxUnavailable." }}
