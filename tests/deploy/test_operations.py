@@ -18,7 +18,7 @@ from tests.support.polling import eventually
 from tests.support.processes import Deployment, serving
 from tests.support.upstreams import RecordingUpstream
 
-ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le", "state"}
+ALLOWED_LABELS = {"status_class", "method", "reason", "status", "kind", "version", "le", "state", "outcome"}
 # What the tests below change from the test base: a long grace period, last-used flushed only
 # at shutdown (once a minute otherwise), the workspace "ops".
 OPERATIONS = {"workspace": "ops", "shutdown_grace_seconds": 10, "auth": {"last_used_flush_seconds": 60}}
