@@ -84,7 +84,7 @@ _KEY_IN_QUERY = re.compile(r"tak_[0-9A-Za-z]{40,}", re.IGNORECASE)
 _MAX_DECODINGS = 8
 
 
-def _credential_in_query(query: str) -> bool:
+def credential_in_query(query: str) -> bool:
     """Does the query carry a key or an ``access_token``, at any depth of percent-encoding
     (``tak_...``, ``tak%5F...``, ``tak%255F...``)? A key decoded once by one component and again
     by another is the same key, so every depth is treated alike (and never forwarded)."""
@@ -110,7 +110,7 @@ def bearer_token(request: ClientRequest) -> str:
     # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
     # histories) and say so, rather than silently ignoring it.
     query = request.query_string
-    if query and _credential_in_query(query):
+    if query and credential_in_query(query):
         raise MalformedCredentials("API keys are accepted only in the Authorization header, "
                                    "never in the query string")
     values = request.headers.getall("Authorization", ())

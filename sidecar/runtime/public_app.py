@@ -18,8 +18,12 @@ metadata, OpenID Connect discovery, and everything below each) depend on ``oauth
 from __future__ import annotations
 
 import json
+import re
 
+from sidecar.errors import MalformedCredentials
+from sidecar.gate.authenticator import credential_in_query
 from sidecar.http.server import Request
+from sidecar.proxy.handler import send_error
 from sidecar.runtime.services import Services
 
 # OAuth discovery paths (RFC 9728, RFC 8414, OIDC Discovery); see the module docstring.
@@ -63,6 +67,17 @@ class ProxyApp:
             if method not in _METADATA_METHODS:
                 request.respond(405, "Method Not Allowed", (*_JSON, _ALLOW), _NOT_ALLOWED)
                 return
+            if _UNPLAIN_TARGET.search(request.raw_path.partition("?")[0]):
+                # Forwarded without credentials, so only a plain metadata path: no dot segment,
+                # encoded slash or backslash, or empty segment, which an upstream that resolves
+                # them (RFC 3986 5.2.4) would read as another of its routes.
+                request.respond(404, "Not Found", _JSON, _NOT_HERE)
+                return
+            if credential_in_query(request.query_string):
+                # A key never passes, not even in the query of a request that needs none.
+                send_error(request, MalformedCredentials(
+                    "API keys are accepted only in the Authorization header, never in the query string"))
+                return
             proxy = self.services.proxy
             assert proxy is not None and oauth.passthrough is not None
             await proxy(request, oauth.passthrough)
@@ -80,6 +95,11 @@ class ProxyApp:
 
 
 _DISCOVERY_TREES = tuple(prefix + "/" for prefix in DISCOVERY_PREFIXES)
+
+
+# In a raw target's path: a "." or ".." segment, plain or percent-encoded, an encoded "/" or "\\",
+# a backslash, or an empty segment.
+_UNPLAIN_TARGET = re.compile(r"(?:^|/)(?:\.|%2e){1,2}(?:/|$)|%2f|%5c|\\|//", re.IGNORECASE)
 
 
 _METADATA_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})

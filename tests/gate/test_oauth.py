@@ -24,7 +24,7 @@ from tests.support.harness import RunningSidecar, SidecarStarter, bearer, client
 from tests.support.metrics import sample
 from tests.support.oauth import AuthorizationServer, RsaKey, authorization_server
 from tests.support.polling import eventually
-from tests.support.raw import LOOPBACK, free_port
+from tests.support.raw import LOOPBACK, free_port, raw_request
 from tests.support.upstreams import RecordingUpstream
 
 METADATA = "/.well-known/oauth-protected-resource"
@@ -489,3 +489,54 @@ async def test_off_accepts_only_keys_and_answers_discovery_with_404(
     assert echo.requests == []
     assert issuer.jwks_fetches == 0
     assert jwt.get_unverified_header(token)["typ"] == "at+jwt"
+
+
+# -- found by an attack review ---------------------------------------------------------------------
+
+
+async def test_a_key_set_that_arrives_in_several_reads_is_read_whole(
+        config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream,
+        issuer: AuthorizationServer) -> None:
+    issuer.jwks_pieces = 4
+    sidecar = await start_sidecar(_oauth_settings(config, echo.url, "validate", issuer))
+    token = issuer.mint("alice", audience=_resource(sidecar))
+    status, _, _ = await _send(sidecar, headers={"Authorization": f"Bearer {token}"})
+    assert status == 200
+
+
+@pytest.mark.parametrize("target", [
+    METADATA + "/../../internal/admin",
+    METADATA + "/%2e%2e/%2E%2E/internal",
+    METADATA + "/..%2finternal",
+    METADATA + "//internal",
+    METADATA + "/.%5cinternal",
+])
+async def test_pass_through_forwards_only_plain_discovery_paths(
+        passing: RunningSidecar, echo: RecordingUpstream, target: str) -> None:
+    answer = await raw_request(passing.proxy_port, "GET", target, [("Host", "sidecar.test")])
+    assert answer.status == 404
+    assert echo.requests == []
+
+
+async def test_pass_through_discovery_refuses_a_key_in_the_query(
+        passing: RunningSidecar, echo: RecordingUpstream) -> None:
+    _, key = await passing.create_key()
+    for query in (f"x={key}", "access_token=abc"):
+        answer = await raw_request(passing.proxy_port, "GET", f"{METADATA}?{query}", [("Host", "sidecar.test")])
+        assert answer.status == 400
+    assert echo.requests == []
+
+
+async def test_a_subject_with_list_syntax_is_refused(validating: RunningSidecar, issuer: AuthorizationServer,
+                                                     echo: RecordingUpstream) -> None:
+    token = issuer.mint("x, key:key_ABC", audience=_resource(validating))
+    status, _, _ = await _send(validating, headers={"Authorization": f"Bearer {token}"})
+    assert status == 401
+    assert echo.requests == []
+
+
+def test_only_loopback_addresses_may_serve_keys_over_plain_http() -> None:
+    assert oauth._acceptable_url("http://127.0.0.1:8000/jwks")
+    assert oauth._acceptable_url("http://[::1]:8000/jwks")
+    assert not oauth._acceptable_url("http://127.attacker.example/jwks")
+    assert oauth._acceptable_url("https://login.example.com/jwks")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import secrets
 import socket
 import time
@@ -53,7 +54,7 @@ from mcp.shared.auth import AuthorizationCodeResult, OAuthClientInformationFull,
 from pydantic import AnyHttpUrl, AnyUrl
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from tests.support.mcp import WireLog
@@ -180,6 +181,9 @@ class AuthorizationServer:
         self.keys: list[RsaKey] = [RsaKey.generate()]   # the first signs; all are published
         self.user = User()
         self.jwks_fetches = 0
+        # >1: the key set is sent chunked, in this many pieces 50 ms apart (as a large key set
+        # with certificate chains arrives over several reads).
+        self.jwks_pieces = 1
         self.metadata_fetches = 0
         self.tokens_issued = 0     # by the token endpoint
         self.provider = _Provider(self)
@@ -240,7 +244,17 @@ class AuthorizationServer:
 
         async def jwks(request: Request) -> Response:
             self.jwks_fetches += 1
-            return JSONResponse(self.jwks())
+            if self.jwks_pieces <= 1:
+                return JSONResponse(self.jwks())
+            body = json.dumps(self.jwks()).encode()
+            size = len(body) // self.jwks_pieces + 1
+
+            async def pieces() -> AsyncIterator[bytes]:
+                for start in range(0, len(body), size):
+                    yield body[start:start + size]
+                    await asyncio.sleep(0.05)
+
+            return StreamingResponse(pieces(), media_type="application/json")
 
         metadata_path = (f"/.well-known/oauth-authorization-server{self._path}" if self._discovery == "oauth"
                          else f"{self._path}/.well-known/openid-configuration")
