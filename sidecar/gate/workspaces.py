@@ -28,7 +28,7 @@ from sidecar.settings import WORKSPACE_PLACEHOLDER, WorkspacesSettings
 
 # One lower-case DNS label (RFC 1123 2.1); the same rule as settings.host_workspace_name.
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_PORT = re.compile(r"[0-9]*")
+_PORT = re.compile(r"[0-9]{0,5}")
 
 
 class MisdirectedRequest(ProxyError):
@@ -53,7 +53,7 @@ def host_name(host: str) -> str | None:
     name, colon, port = host.rpartition(":")
     if not colon:
         name = host
-    elif not _PORT.fullmatch(port) or ":" in name:
+    elif not _PORT.fullmatch(port) or ":" in name or (port and int(port) > 65535):
         return None
     return name.lower()
 
