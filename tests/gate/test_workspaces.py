@@ -17,6 +17,7 @@ from sidecar.settings import SettingsError, WorkspacesSettings, settings_from_ma
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.mcp import mcp_client, mcp_url
+from tests.support.processes import run_cli
 from tests.support.raw import exchange, raw_request
 from tests.support.upstreams import RecordingUpstream
 
@@ -270,3 +271,35 @@ async def test_the_admin_api_sees_only_the_signed_in_keys_workspace(
             assert audit["events"]
             assert {e["workspace"] for e in audit["events"]} == {workspace}
     assert (await sidecar.services.store.get_key(theirs)).status == "enabled"  # type: ignore[union-attr]
+
+
+# -- the CLI -----------------------------------------------------------------------------------------
+
+async def test_the_cli_takes_a_workspace_and_needs_one_to_create(config: ConfigFactory) -> None:
+    document = config.mapping(MULTI)
+    del document["workspace"]
+    path = config.write(raw=document)
+    missing = await run_cli("keys", "create", "--config", str(path), "--name", "ops", "--role", "org-admin", "--json")
+    assert missing.returncode == 2
+    assert json.loads(missing.stderr)["field"] == "workspace"
+    bad = await run_cli("keys", "create", "--config", str(path), "--name", "ops", "--role", "org-admin",
+                        "--workspace", "Acme.Corp", "--json")
+    assert bad.returncode == 2
+    assert json.loads(bad.stderr)["field"] == "workspace"
+    ids = {}
+    for workspace in ("acme", "globex"):
+        made = await run_cli("keys", "create", "--config", str(path), "--name", "ops", "--role", "org-admin",
+                             "--workspace", workspace, "--json")
+        assert made.returncode == 0, made.stderr
+        created = json.loads(made.stdout)
+        assert created["workspace"] == workspace
+        ids[workspace] = created["id"]
+    every = json.loads((await run_cli("keys", "list", "--config", str(path), "--json")).stdout)
+    assert {k["workspace"] for k in every["keys"]} == {"acme", "globex"}
+    one = json.loads((await run_cli("keys", "list", "--config", str(path), "--workspace", "acme", "--json")).stdout)
+    assert [k["id"] for k in one["keys"]] == [ids["acme"]]
+    elsewhere = await run_cli("keys", "disable", ids["globex"], "--config", str(path), "--workspace", "acme")
+    assert elsewhere.returncode == 1  # not found in acme
+    single = config.write()
+    other = await run_cli("keys", "list", "--config", str(single), "--workspace", "globex")
+    assert other.returncode == 2
