@@ -43,6 +43,8 @@ class Caller:
     name: str
     client: str
     session: Session | None = None
+    # The admin key's own workspace: the API and page see and change only its keys and events.
+    workspace: str = ""
 
 
 def api_error(exc: KeyDomainError) -> ApiError:
@@ -117,7 +119,8 @@ class Access:
             principal = await self._authenticate(request)
             if not self.has_permission(principal.permissions):
                 raise self.forbidden()
-            return Caller(key_id=principal.key_id, name=principal.name, client=self.client(request))
+            return Caller(key_id=principal.key_id, name=principal.name, client=self.client(request),
+                          workspace=principal.workspace)
         token = request.cookies.get(self.sessions.cookie_name)
         if not token:
             raise unauthorized("sign in, or send Authorization: Bearer <admin key>")
@@ -135,14 +138,14 @@ class Access:
                 raise ApiError(403, "csrf_failed", f"missing or wrong {CSRF_HEADER} header")
         await self._still_admin(token, session)
         return Caller(key_id=session.key_id, name=session.key_name, client=self.client(request),
-                      session=session)
+                      session=session, workspace=session.workspace)
 
     async def _still_admin(self, token: str, session: Session) -> None:
         # OWASP: re-validate on use. A disabled, expired or demoted key ends its sessions now,
         # not at the session's own timeout.
         record = await self._services.store.get_key(session.key_id)
         settings = self._services.settings
-        usable = (record is not None and record.workspace == settings.workspace
+        usable = (record is not None and record.workspace == session.workspace
                   and record.status != DISABLED
                   and (record.deadline() is None or time.time() < (record.deadline() or 0))
                   and self.has_permission(settings.permissions_for(record.roles)))

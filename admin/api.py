@@ -119,8 +119,8 @@ class KeyApi:
         return key_json(record, self._settings)
 
     async def list_keys(self, request: web.Request) -> web.Response:
-        await self._access.caller(request)
-        records = await self._services.keys.list()
+        caller = await self._access.caller(request)
+        records = await self._services.keys.list(caller.workspace)
         return json_response(200, {"keys": [self._key(r) for r in records]})
 
     async def create_key(self, request: web.Request) -> web.Response:
@@ -133,14 +133,14 @@ class KeyApi:
                            {"valid_roles": sorted(self._settings.roles)})
         record, full = await self._services.keys.create(
             name=body["name"], roles=body["roles"], expires_at=body.get("expires_at"),
-            actor=caller.name, client=caller.client)
+            actor=caller.name, client=caller.client, workspace=caller.workspace)
         # The full key leaves the server in this one response and is never stored (docs/reference/keys.md).
         return json_response(201, {**self._key(record), "key": full},
                              headers={"Location": f"{API}/keys/{record.id}"})
 
     async def get_key(self, request: web.Request) -> web.Response:
-        await self._access.caller(request)
-        record = await self._services.keys.get(request.match_info["id"])
+        caller = await self._access.caller(request)
+        record = await self._services.keys.get(request.match_info["id"], caller.workspace)
         return json_response(200, self._key(record))
 
     async def _set_status(self, request: web.Request, status: str) -> web.Response:
@@ -149,7 +149,8 @@ class KeyApi:
         # KeyManager.set_status invalidates the cache and cuts the key's streams before it
         # returns, so the next request with a disabled key is refused (docs/reference/keys.md: no cache delay).
         record = await self._services.keys.set_status(request.match_info["id"], status,
-                                                      actor=caller.name, client=caller.client)
+                                                      actor=caller.name, client=caller.client,
+                                                      workspace=caller.workspace)
         return json_response(200, self._key(record))
 
     async def disable_key(self, request: web.Request) -> web.Response:
@@ -165,7 +166,7 @@ class KeyApi:
             raise ApiError(422, "missing_field", "name (of the new key) is required", "name")
         new, full, old = await self._services.keys.rotate(
             request.match_info["id"], name=body["name"], disable_old_at=body.get("disable_old_at"),
-            actor=caller.name, client=caller.client)
+            actor=caller.name, client=caller.client, workspace=caller.workspace)
         return json_response(201, {**self._key(new), "key": full, "rotated_from": self._key(old),
                                    "disable_old_at": to_rfc3339(old.disable_at)},
                              headers={"Location": f"{API}/keys/{new.id}"})
@@ -179,13 +180,13 @@ class KeyApi:
         return json_response(200, {"roles": roles})
 
     async def list_audit(self, request: web.Request) -> web.Response:
-        await self._access.caller(request)
+        caller = await self._access.caller(request)
         limit = _query_int(request, "limit", AUDIT_DEFAULT_LIMIT, 1, AUDIT_MAX_LIMIT)
         before = _query_int(request, "before", None, 1)
         action = _query_text(request, "action", _ACTION, "1-64 characters of a-z . _")
         key_id = _query_text(request, "key_id", _KEY_ID, "a key id (key_...)")
         assert limit is not None
-        events = await self._services.store.list_audit(self._settings.workspace, limit, before,
+        events = await self._services.store.list_audit(caller.workspace, limit, before,
                                                        action=action, key_id=key_id)
         rows = [e.as_json() for e in events]
         # Keyset pagination: pass next_before as ?before= for the page after this one.
@@ -193,9 +194,9 @@ class KeyApi:
         return json_response(200, {"events": rows, "next_before": next_before})
 
     async def key_activity(self, request: web.Request) -> web.Response:
-        await self._access.caller(request)
-        record = await self._services.keys.get(request.match_info["id"])  # 404 unless in this workspace
-        store, workspace = self._services.store, self._settings.workspace
+        caller = await self._access.caller(request)
+        record = await self._services.keys.get(request.match_info["id"], caller.workspace)  # 404 unless in it
+        store, workspace = self._services.store, caller.workspace
         recent = await store.list_audit(workspace, ACTIVITY_RECENT, None, action=TOOL_CALLED, key_id=record.id)
         tools = await store.tool_activity(workspace, record.id, utcnow() - ACTIVITY_WINDOW)
         return json_response(200, {"key_id": record.id, "recent": [e.as_json() for e in recent],

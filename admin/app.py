@@ -148,14 +148,14 @@ class SessionApi:
             raise ApiError(401, "invalid_key", "the key is unknown, wrong, disabled or expired", "key") from None
         if not self._access.has_permission(principal.permissions):
             await audit.record(audit.event(ADMIN_LOGIN_FAILED, principal.name, key_id=principal.key_id,
-                                           key_name=principal.name, client=client,
+                                           key_name=principal.name, client=client, workspace=principal.workspace,
                                            details={"reason": "missing_permission"}))
             raise self._access.forbidden()
         # OWASP: a new session id on every login, and any session this browser had is ended.
         self._sessions.delete(request.cookies.get(self._sessions.cookie_name))
         await audit.record(audit.event(ADMIN_LOGIN, principal.name, key_id=principal.key_id,
-                                       key_name=principal.name, client=client))
-        raw, session = self._sessions.create(principal.key_id, principal.name)
+                                       key_name=principal.name, client=client, workspace=principal.workspace))
+        raw, session = self._sessions.create(principal.key_id, principal.name, principal.workspace)
         resp = json_response(200, self._sessions.describe(session))
         self._set_cookie(resp, raw)
         return resp
@@ -170,7 +170,7 @@ class SessionApi:
         self._sessions.delete(request.cookies.get(self._sessions.cookie_name))
         audit = self._services.audit
         await audit.record(audit.event(ADMIN_LOGOUT, caller.name, key_id=caller.key_id, key_name=caller.name,
-                                       client=caller.client))
+                                       client=caller.client, workspace=caller.workspace))
         resp = json_response(200, {"logged_out": True})
         self._clear_cookie(resp)
         return resp

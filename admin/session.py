@@ -41,6 +41,7 @@ class Session:
     created: float                  # monotonic seconds
     last_seen: float                # monotonic seconds
     created_wall: float = field(default_factory=time.time)
+    workspace: str = ""             # the signed-in key's: everything the page shows is scoped to it
 
     def idle_deadline(self, idle: float) -> float:
         return self.last_seen + idle
@@ -74,14 +75,14 @@ class SessionStore:
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def create(self, key_id: str, key_name: str) -> tuple[str, Session]:
+    def create(self, key_id: str, key_name: str, workspace: str = "") -> tuple[str, Session]:
         """A new session; returns the raw id (for the cookie only) and the session."""
         self._expire()
         # 256 bits from the OS CSPRNG: OWASP asks for at least 64 bits of entropy.
         token = secrets.token_urlsafe(32)
         now = self._clock()
         session = Session(key_id=key_id, key_name=key_name, csrf_token=secrets.token_urlsafe(32),
-                          created=now, last_seen=now)
+                          created=now, last_seen=now, workspace=workspace)
         self._sessions[_digest(token)] = session
         while len(self._sessions) > MAX_SESSIONS:
             self._sessions.popitem(last=False)
@@ -125,6 +126,7 @@ class SessionStore:
         return {
             "actor": session.key_name,
             "key_id": session.key_id,
+            "workspace": session.workspace,
             "csrf_token": session.csrf_token,
             "created_at": _rfc3339(session.created_wall),
             "expires_at": _rfc3339(min(idle_at, absolute_at)),

@@ -50,7 +50,7 @@ from sidecar.proxy.assertion import (
     signing_keys,
     stored_key_set,
 )
-from sidecar.settings import CONFIG_ENV, Settings, SettingsError, load_settings
+from sidecar.settings import CONFIG_ENV, Settings, SettingsError, host_workspace_name, load_settings
 
 # Key ids are "key_" + base62 (sidecar.keys.new_key_id). Anything outside this is a usage error
 # (status 2) rather than an unknown id (status 1), and never reaches the store: SQLite cannot
@@ -105,6 +105,10 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("id")
     rotate.add_argument("--name", required=True)
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
+    for verb in ("create", "list", "show", "disable", "enable", "rotate"):
+        keys.choices[verb].add_argument(
+            "--workspace", metavar="NAME",
+            help="the key's workspace (with [workspaces]: required by create; list without it shows every one)")
     _add_bootstrap_commands(keys, with_config)
     for sub in keys.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
@@ -166,7 +170,7 @@ def _print_key(data: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(data, indent=2))
         return
-    for field in ("id", "name", "preview", "roles", "permissions", "status", "created_at", "created_by",
+    for field in ("id", "name", "workspace", "preview", "roles", "permissions", "status", "created_at", "created_by",
                   "last_used_at", "disabled_at", "expires_at"):
         value = data.get(field)
         print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
@@ -178,6 +182,21 @@ def _refuse(exc: KeyDomainError, as_json: bool) -> int:
     return 2 if isinstance(exc, InvalidInput) else 1
 
 
+def _workspace_problem(workspace: str, settings: Settings) -> str | None:
+    """Why ``--workspace`` cannot be used with these settings, or None."""
+    if settings.multi_workspace:
+        if not host_workspace_name(workspace):
+            return (f"--workspace {workspace!r}: a workspace served from its host is 1-63 lower-case letters, "
+                    "digits and hyphens, not starting or ending with a hyphen")
+        allowed = settings.workspaces.allowed if settings.workspaces is not None else frozenset()
+        if allowed and workspace not in allowed:
+            return f"--workspace {workspace!r} is not in workspaces.allowed"
+        return None
+    if workspace != settings.workspace:
+        return f"--workspace {workspace!r}: this config serves only workspace {settings.workspace!r}"
+    return None
+
+
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     as_json: bool = args.json
     key_id: object = getattr(args, "id", None)
@@ -185,15 +204,21 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
         return _refuse(InvalidInput("invalid_id", "id must be a key id (key_ followed by letters and digits), "
                                                    f"not {key_id!r}", "id"), as_json)
 
+    workspace: str | None = getattr(args, "workspace", None)
+    if workspace is not None:
+        problem = _workspace_problem(workspace, settings)
+        if problem is not None:
+            return _refuse(InvalidInput("invalid_workspace", problem, "workspace"), as_json)
+
     async def run(manager: KeyManager) -> int:
         verb = args.keys_command
         if verb == "create" or verb == "rotate":
             if verb == "create":
                 record, full = await manager.create(name=args.name, roles=args.roles, actor="cli",
-                                                    client=None, expires_at=args.expires_at)
+                                                    client=None, expires_at=args.expires_at, workspace=workspace)
             else:
                 record, full, _ = await manager.rotate(args.id, name=args.name, actor="cli", client=None,
-                                                       disable_old_at=args.disable_old_at)
+                                                       disable_old_at=args.disable_old_at, workspace=workspace)
             data = {**key_json(record, settings), "key": full}
             if as_json:
                 print(json.dumps(data, indent=2))
@@ -202,20 +227,24 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 _print_key(data, False)
             return 0
         if verb == "list":
-            records = [key_json(r, settings) for r in await manager.list()]
+            records = [key_json(r, settings) for r in await manager.list(workspace)]
             if as_json:
                 print(json.dumps({"keys": records}, indent=2))
             else:
-                print(f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
+                # With [workspaces] one list may span workspaces: say whose each key is.
+                ws = settings.multi_workspace
+                print(("WORKSPACE            " if ws else "")
+                      + f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
                 for k in records:
-                    print(f"{k['id']:<21} {k['name']:<24} {k['preview']:<12} {k['status']:<9} "
+                    print((f"{k['workspace']:<20} " if ws else "")
+                          + f"{k['id']:<21} {k['name']:<24} {k['preview']:<12} {k['status']:<9} "
                           f"{','.join(k['roles']):<24} {k['last_used_at'] or '-'}")
             return 0
         if verb == "show":
-            _print_key(key_json(await manager.get(args.id), settings), as_json)
+            _print_key(key_json(await manager.get(args.id, workspace), settings), as_json)
             return 0
         status = DISABLED if verb == "disable" else ENABLED
-        record = await manager.set_status(args.id, status, actor="cli", client=None)
+        record = await manager.set_status(args.id, status, actor="cli", client=None, workspace=workspace)
         _print_key(key_json(record, settings), as_json)
         return 0
 

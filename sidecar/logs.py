@@ -63,7 +63,8 @@ class JsonLog:
 
     def access(self, *, key_id: str | None, key_name: str | None, client: str | None, method: str,
                path: str, mcp_method: str | None, mcp_name: str | None, status: int, duration_ms: float,
-               bytes_in: int | None, bytes_out: int, kind: str | None = None) -> None:
+               bytes_in: int | None, bytes_out: int, kind: str | None = None,
+               workspace: str | None = None) -> None:
         """One access line per proxied request; hand-assembled because it runs on every request
         (json.dumps of the same dict costs several times more). Same shape as :meth:`write`.
         ``kind``: key, user or passthrough (docs/reference/metrics.md); a pass-through request has
@@ -72,7 +73,8 @@ class JsonLog:
             return
         if kind == "passthrough":
             key_id = key_name = None
-        line = (f'{{"time":"{_now()}","level":"info","type":"access","kind":{_text(kind)},"key_id":{_text(key_id)},'
+        line = (f'{{"time":"{_now()}","level":"info","type":"access","kind":{_text(kind)},'
+                f'"workspace":{_text(workspace)},"key_id":{_text(key_id)},'
                 f'"key_name":{_text(key_name)},"client":{_text(client)},"method":{_text(method)},'
                 f'"path":{_text(path)},"mcp_method":{_text(mcp_method)},"mcp_name":{_text(mcp_name)},'
                 f'"status":{status},"duration_ms":{duration_ms:.3f},'

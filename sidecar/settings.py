@@ -27,6 +27,10 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 _ROLE_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _PERMISSION = re.compile(r"[A-Za-z0-9._:*-]{1,128}")
 _WORKSPACE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# One DNS label as host names use it (RFC 1123 2.1), lower-case: a workspace read from a host.
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
+_LABEL_PART = re.compile(r"[a-z0-9-]*")
+WORKSPACE_PLACEHOLDER = "{workspace}"
 # A tool-name pattern: visible ASCII without spaces, as MCP tool names are (fnmatch's * ? [ ] too).
 _TOOL_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
@@ -148,6 +152,15 @@ class AuditSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkspacesSettings:
+    """Many workspaces behind one deployment (docs/reference/config.md, [workspaces]): a public
+    request's workspace is read from its host, matched against ``from_host``."""
+
+    from_host: str                              # lower-case, "{workspace}" in exactly one label
+    allowed: frozenset[str] = frozenset()       # empty: any workspace name
+
+
+@dataclass(frozen=True, slots=True)
 class Role:
     name: str
     description: str
@@ -172,6 +185,12 @@ class Settings:
     audit: AuditSettings = AuditSettings()
     oauth: OAuthSettings = OAuthSettings()
     roles: Mapping[str, Role] = field(default_factory=dict)
+    # None: single-workspace mode, every request is ``workspace``'s. Set: ``workspace`` is "".
+    workspaces: WorkspacesSettings | None = None
+
+    @property
+    def multi_workspace(self) -> bool:
+        return self.workspaces is not None
 
     @property
     def database_path(self) -> Path:
@@ -330,8 +349,16 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
                           base_dir: Path = Path(".")) -> Settings:
     """Validate an already-parsed TOML document (used by tests and the demo)."""
     top = _Section(data, "")
+    workspaces = _load_workspaces(_Section(top.table("workspaces"), "workspaces.")) if "workspaces" in data else None
     workspace = top.string("workspace", "acme")
-    if not _WORKSPACE.fullmatch(workspace):
+    if workspaces is not None:
+        # Either one workspace for every request or the request's own, never both: a leftover
+        # "workspace" beside [workspaces] would read as a default the sidecar does not apply.
+        if "workspace" in data:
+            raise SettingsError("workspace", "remove it: with [workspaces] each request's workspace comes "
+                                             "from its host (workspaces.from_host)")
+        workspace = ""
+    elif not _WORKSPACE.fullmatch(workspace):
         raise SettingsError("workspace", "1-64 characters of A-Z a-z 0-9 . _ -")
     data_dir = Path(top.string("data_dir", "./data"))
     if not data_dir.is_absolute():
@@ -352,11 +379,17 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
+    if workspaces is not None and oauth.mode == "validate":
+        # A signed-in user carries no workspace of its own, and the resource (RFC 9728) differs
+        # per host: not supported together yet (docs/reference/config.md, [workspaces]).
+        raise SettingsError("oauth.mode", "\"validate\" cannot be combined with [workspaces]; "
+                                          "use \"off\" or \"pass-through\"")
     if _clash(proxy.listen, admin.listen):
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
-                    admin=admin, signing=signing, store=store, audit=audit, oauth=oauth, roles=roles)
+                    admin=admin, signing=signing, store=store, audit=audit, oauth=oauth, roles=roles,
+                    workspaces=workspaces)
 
 
 def _clash(a: ListenAddress, b: ListenAddress) -> bool:
@@ -365,6 +398,52 @@ def _clash(a: ListenAddress, b: ListenAddress) -> bool:
         return False
     wildcard = ("0.0.0.0", "::", "")
     return a.host == b.host or a.host in wildcard or b.host in wildcard
+
+
+def host_workspace_name(name: str) -> bool:
+    """Can ``name`` be the workspace of a host (``{workspace}`` in ``workspaces.from_host``)? Host
+    names are matched lower-cased and a DNS label holds no dot (RFC 1123 2.1), so such a name is
+    one lower-case label: 1-63 letters, digits and hyphens, no hyphen first or last."""
+    return _DNS_LABEL.fullmatch(name) is not None
+
+
+def check_host_template(template: str) -> str:
+    """The ``workspaces.from_host`` template, lower-cased, or a ValueError saying what is wrong:
+    a host name (no port, no trailing dot, no wildcard) whose one label holds ``{workspace}``,
+    with at least one label after it."""
+    text = template.lower()
+    if text.count(WORKSPACE_PLACEHOLDER) != 1:
+        raise ValueError(f"must contain {WORKSPACE_PLACEHOLDER} exactly once, e.g. \"{{workspace}}.toolio.com\"")
+    labels = text.split(".")
+    for index, label in enumerate(labels):
+        if WORKSPACE_PLACEHOLDER in label:
+            prefix, _, suffix = label.partition(WORKSPACE_PLACEHOLDER)
+            if not _LABEL_PART.fullmatch(prefix) or not _LABEL_PART.fullmatch(suffix):
+                raise ValueError(f"the label around {WORKSPACE_PLACEHOLDER} may hold only a-z 0-9 and -")
+            if index == len(labels) - 1:
+                raise ValueError(f"{WORKSPACE_PLACEHOLDER} needs a domain after it, e.g. \"{{workspace}}.toolio.com\"")
+        elif not _DNS_LABEL.fullmatch(label):
+            raise ValueError(f"{label!r} is not a host name label (a-z 0-9 -; no port, no trailing dot, no *)")
+    return text
+
+
+def _load_workspaces(s: _Section) -> WorkspacesSettings:
+    template = s.string("from_host", "")
+    if not template:
+        raise SettingsError(s.key("from_host"), "required with [workspaces], e.g. \"{workspace}.toolio.com\"")
+    try:
+        template = check_host_template(template)
+    except ValueError as exc:
+        raise SettingsError(s.key("from_host"), str(exc)) from None
+    allowed = s.strings("allowed")
+    for index, name in enumerate(allowed):
+        if not host_workspace_name(name):
+            raise SettingsError(f"{s.key('allowed')}[{index}]",
+                                f"{name!r} is not a workspace name a host can carry: 1-63 lower-case "
+                                "letters, digits and hyphens, not starting or ending with a hyphen")
+    result = WorkspacesSettings(from_host=template, allowed=frozenset(allowed))
+    s.reject_unknown()
+    return result
 
 
 def _load_proxy(s: _Section) -> ProxySettings:

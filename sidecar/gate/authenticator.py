@@ -160,24 +160,29 @@ class Authenticator:
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: dict[bytes, asyncio.Task[Principal]] = {}
         # Dedicated, lower-priority threads for argon2 (see _lower_priority), one per slot.
+        # The workspace a key must belong to when the caller names none: the configured one, or,
+        # with [workspaces], any (the admin listener, scoped afterwards by the key's own workspace).
+        self._home: str | None = None if settings.multi_workspace else settings.workspace
         self._argon2_threads = ThreadPoolExecutor(settings.auth.max_concurrent_verifications,
                                                   thread_name_prefix="argon2", initializer=_lower_priority)
 
-    async def authenticate(self, request: ClientRequest, *, users: bool = False) -> Principal:
+    async def authenticate(self, request: ClientRequest, *, users: bool = False,
+                           workspace: str | None = None) -> Principal:
         """The caller of ``request``: a key; with ``users`` (the public listener) also a user or a
-        pass-through token, as ``oauth.mode`` says. The admin listener takes keys only."""
+        pass-through token, as ``oauth.mode`` says. The admin listener takes keys only.
+        ``workspace``: the request's (from its host); a key of any other is an unknown key."""
         try:
             token = bearer_token(request)
         except AuthError as exc:
             if isinstance(exc, MissingCredentials):
                 self._metrics.count_auth_failure(exc.reason)
             else:
-                self._fail(None, request, exc.reason)
+                self._fail(None, request, exc.reason, workspace)
             raise
         # Anything that starts like a key is one, even a mangled one: it is never passed on.
         if users and self._oauth is not None and token[:4].lower() != "tak_":
             return await self._authenticate_user(token, request)
-        return await self.authenticate_token(token, request)
+        return await self.authenticate_token(token, request, workspace)
 
     async def _authenticate_user(self, token: str, request: ClientRequest) -> Principal:
         """A Bearer token that is not a key (sidecar.gate.oauth). A token already verified is
@@ -195,17 +200,23 @@ class Authenticator:
             self._fail(None, request, exc.reason)
             raise
 
-    async def authenticate_token(self, token: str, request: ClientRequest) -> Principal:
+    async def authenticate_token(self, token: str, request: ClientRequest,
+                                 workspace: str | None = None) -> Principal:
         """Authenticate a key presented some other way than the header (the admin page's login
         form), with the same cache, failure budgets and accounting as :meth:`authenticate`."""
         # Hot path: a token whose digest matches a verified key *is* that key, so its shape and
         # checksum were already checked when it was verified; parse only on a miss.
         digest = key_digest(token)
+        expected = workspace if workspace is not None else self._home
         if len(token) == KEY_LEN:
             principal = self._cache.get(lookup_id_of(token), digest)
+            if principal is not None and expected is not None and principal.workspace != expected:
+                # Another workspace's key: taken as a miss, so it costs what an unknown key costs
+                # and its answer is the same (no hint that it exists elsewhere).
+                principal = None
             if principal is not None:
                 if principal.deadline is not None and time.time() >= principal.deadline:
-                    self._fail(principal.lookup_id, request, "expired")
+                    self._fail(principal.lookup_id, request, "expired", principal.workspace)
                     raise InvalidToken("expired")
                 if not self._trust.trusted:
                     await self._recheck(principal, request)
@@ -216,22 +227,22 @@ class Authenticator:
             parsed = parse_key(token)
         except KeyFormatError:
             self._check_budget(self._client_address(request), None)
-            self._fail(None, request, "invalid")
+            self._fail(None, request, "invalid", expected)
             raise InvalidToken() from None
         self._metrics.cache_misses.inc()
-        return await self._verify(parsed, digest, request)
+        return await self._verify(parsed, digest, request, expected)
 
     async def _recheck(self, principal: Principal, request: ClientRequest) -> None:
         """The cache may be missing a change (the feed is stale): read the key's status from the
         store. The secret was proven when the key was cached; only its state can have moved."""
         record = await self._read(principal.lookup_id)
-        reason = self._unusable(record)
+        reason = self._unusable(record, principal.workspace)
         if reason is None and record is not None and record.revision != principal.revision:
             # Changed since it was cached (roles, a scheduled disable): verify afresh next time.
             self._cache.invalidate(principal.key_id)
         if reason is not None:
             self._cache.invalidate(principal.key_id)
-            self._fail(principal.lookup_id, request, reason)
+            self._fail(principal.lookup_id, request, reason, principal.workspace)
             raise InvalidToken(reason)
 
     async def _read(self, lookup_id: str) -> KeyRecord | None:
@@ -254,7 +265,8 @@ class Authenticator:
             self._metrics.count_auth_failure("rate_limited")
             raise RateLimited(wait)
 
-    def _fail(self, lookup_id: str | None, request: ClientRequest, reason: str) -> None:
+    def _fail(self, lookup_id: str | None, request: ClientRequest, reason: str,
+              workspace: str | None = None) -> None:
         client = self._client_address(request)
         self._by_address.record_failure(client)
         # The lookup-id budget bounds guessing at a key's secret. A disabled, expired or foreign
@@ -263,27 +275,32 @@ class Authenticator:
         if lookup_id is not None and reason not in _REFUSED_WITHOUT_GUESSING:
             self._by_lookup.record_failure(lookup_id)
         self._metrics.count_auth_failure(reason)
-        self._audit.auth_failed(lookup_id, client, reason)
+        self._audit.auth_failed(lookup_id, client, reason, workspace)
 
-    async def _verify(self, parsed: ParsedKey, digest: bytes, request: ClientRequest) -> Principal:
+    async def _verify(self, parsed: ParsedKey, digest: bytes, request: ClientRequest,
+                      workspace: str | None) -> Principal:
         client = self._client_address(request)
         self._check_budget(client, parsed.lookup_id)
-        known = self._cache.known_bad(digest)
+        # What a token's failure means depends on the workspace asked for (a key is "invalid" for
+        # every workspace but its own), so negative results and flights are per workspace.
+        scoped = digest if workspace is None else digest + b"@" + workspace.encode()
+        known = self._cache.known_bad(scoped)
         if known is not None:
-            self._fail(parsed.lookup_id, request, known)
+            self._fail(parsed.lookup_id, request, known, workspace)
             raise InvalidToken(known)
         # Single flight: one verification per token at a time. A burst of first requests from one
         # agent (or an attacker repeating one guess) shares a single store read and argon2 run, and
         # the verification is its own task, so a client going away cannot cut it short for others.
-        flight = self._in_flight.get(digest)
+        flight = self._in_flight.get(scoped)
         if flight is None:
-            flight = asyncio.get_running_loop().create_task(self._verify_once(parsed, digest, client))
-            self._in_flight[digest] = flight
-            flight.add_done_callback(lambda done: self._landed(digest, done))
+            flight = asyncio.get_running_loop().create_task(
+                self._verify_once(parsed, digest, client, workspace, scoped))
+            self._in_flight[scoped] = flight
+            flight.add_done_callback(lambda done: self._landed(scoped, done))
         try:
             return await asyncio.shield(flight)
         except InvalidToken as exc:
-            self._fail(parsed.lookup_id, request, exc.reason)
+            self._fail(parsed.lookup_id, request, exc.reason, workspace)
             raise InvalidToken(exc.reason) from None
 
     def _landed(self, digest: bytes, flight: asyncio.Task[Principal]) -> None:
@@ -292,14 +309,16 @@ class Authenticator:
         if not flight.cancelled():
             flight.exception()  # retrieved: every waiter may have gone away
 
-    async def _verify_once(self, parsed: ParsedKey, digest: bytes, client: str) -> Principal:
+    async def _verify_once(self, parsed: ParsedKey, digest: bytes, client: str, workspace: str | None,
+                           scoped: bytes) -> Principal:
         epoch = self._cache.epoch
         record = await self._read(parsed.lookup_id)
-        reason = self._unusable(record)
+        reason = self._unusable(record, workspace)
         if reason is not None:
             # Disabled / expired / unknown keys are refused before argon2: nothing to learn from
-            # the secret, and it keeps a revoked client's retries cheap.
-            self._cache.remember_bad(digest, epoch, reason)
+            # the secret, and it keeps a revoked client's retries cheap. Another workspace's key
+            # takes exactly the unknown key's path: one store read, no argon2, the same answer.
+            self._cache.remember_bad(scoped, epoch, reason)
             raise InvalidToken(reason)
         assert record is not None
         # Check the budgets again (others may have spent them while we read the store) and hold
@@ -319,13 +338,13 @@ class Authenticator:
             self._by_address.refund(client)
             self._by_lookup.refund(parsed.lookup_id)
         if not ok:
-            self._cache.remember_bad(digest, epoch)
+            self._cache.remember_bad(scoped, epoch)
             raise InvalidToken()
         if epoch != self._cache.epoch:
             # Something was invalidated while we verified: read the key again rather than trust
             # a record that may predate a disable (the refill race).
             record = await self._read(parsed.lookup_id)
-            reason = self._unusable(record)
+            reason = self._unusable(record, workspace)
             if reason is not None:
                 raise InvalidToken(reason)
             assert record is not None
@@ -337,11 +356,13 @@ class Authenticator:
         self._last_used.touch(principal.key_id)
         return principal
 
-    def _unusable(self, record: KeyRecord | None) -> str | None:
+    def _unusable(self, record: KeyRecord | None, workspace: str | None) -> str | None:
         if record is None:
             return "invalid"
-        if record.workspace != self._settings.workspace:
-            return "workspace"
+        if workspace is not None and record.workspace != workspace:
+            # With [workspaces] a key of another workspace is, to this request, an unknown key in
+            # every way: the same reason, budgets, audit row and answer (docs/reference/keys.md).
+            return "invalid" if self._home is None else "workspace"
         if record.status == DISABLED:
             return "disabled"
         deadline = record.deadline()

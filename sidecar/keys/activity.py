@@ -37,8 +37,8 @@ MAX_TOOL_NAME = 128
 # Yield to the event loop after this many log lines while mirroring a large batch.
 _LOG_SLICE = 1000
 
-# (epoch seconds, key id, key name, tool, outcome, client)
-_Call = tuple[float, str, str, str, str, str]
+# (epoch seconds, key id, key name, tool, outcome, client, workspace)
+_Call = tuple[float, str, str, str, str, str, str]
 
 
 def _at(epoch: float) -> datetime:
@@ -67,19 +67,22 @@ class ActivityLog:
         """Events waiting to be written."""
         return len(self._queue) + len(self._unwritten)
 
-    def tool_called(self, *, key_id: str, key_name: str, tool: str, outcome: str, client: str) -> None:
-        """Record one ``tools/call`` (``outcome``: ``allowed`` or ``denied``). No I/O: queued for
+    def tool_called(self, *, key_id: str, key_name: str, tool: str, outcome: str, client: str,
+                    workspace: str | None = None) -> None:
+        """Record one ``tools/call`` (``outcome``: ``allowed`` or ``denied``) in ``workspace``
+        (the caller's; default: the configured one). No I/O: queued for
         the next :meth:`flush`, or dropped and counted when the queue is full."""
         if len(self._queue) + len(self._unwritten) >= self._max_pending:
             self._metrics.audit_events_dropped.inc()
             return
         if len(tool) > MAX_TOOL_NAME:
             tool = tool[:MAX_TOOL_NAME]
-        self._queue.append((time.time(), key_id, key_name, tool, outcome, client))
+        self._queue.append((time.time(), key_id, key_name, tool, outcome, client,
+                            self.workspace if workspace is None else workspace))
 
     def _record(self, call: _Call) -> AuditRecord:
-        when, key_id, key_name, tool, outcome, client = call
-        return AuditRecord(time=_at(when), action=TOOL_CALLED, actor=key_name, workspace=self.workspace,
+        when, key_id, key_name, tool, outcome, client, workspace = call
+        return AuditRecord(time=_at(when), action=TOOL_CALLED, actor=key_name, workspace=workspace,
                            key_id=key_id, key_name=key_name, client=client,
                            details={"tool": tool, "outcome": outcome})
 

@@ -39,14 +39,17 @@ class AuditLog:
         self._log = log
         self._metrics = metrics
         self.workspace = workspace
-        # (minute, lookup id, client) -> (count, reasons)
-        self._failures: dict[tuple[int, str, str], tuple[int, dict[str, int]]] = {}
+        # (minute, lookup id, client, workspace) -> (count, reasons)
+        self._failures: dict[tuple[int, str, str, str], tuple[int, dict[str, int]]] = {}
         self._oldest_pending: float | None = None  # monotonic time of the oldest unwritten failure
 
     def event(self, action: str, actor: str, *, key_id: str | None = None, key_name: str | None = None,
               client: str | None = None, details: Mapping[str, Any] | None = None,
-              time: datetime | None = None) -> AuditRecord:
-        return AuditRecord(time=time or utcnow(), action=action, actor=actor, workspace=self.workspace,
+              time: datetime | None = None, workspace: str | None = None) -> AuditRecord:
+        """An event of ``workspace`` (default: the configured one; with [workspaces], the
+        request's or the acting key's)."""
+        return AuditRecord(time=time or utcnow(), action=action, actor=actor,
+                           workspace=self.workspace if workspace is None else workspace,
                            key_id=key_id, key_name=key_name, client=client, details=dict(details or {}))
 
     def emitted(self, event: AuditRecord) -> None:
@@ -63,11 +66,11 @@ class AuditLog:
             raise
         self.emitted(event)
 
-    def auth_failed(self, lookup_id: str | None, client: str, reason: str) -> None:
+    def auth_failed(self, lookup_id: str | None, client: str, reason: str, workspace: str | None = None) -> None:
         """Count a failed authentication; :meth:`flush_failures` writes the aggregated rows."""
         if self._oldest_pending is None:
             self._oldest_pending = time.monotonic()
-        slot = (int(time.time() // 60), lookup_id or "", client)
+        slot = (int(time.time() // 60), lookup_id or "", client, self.workspace if workspace is None else workspace)
         count, reasons = self._failures.get(slot, (0, {}))
         reasons[reason] = reasons.get(reason, 0) + 1
         self._failures[slot] = (count + 1, reasons)
@@ -87,22 +90,24 @@ class AuditLog:
         if not due:
             return
         events = []
-        names: dict[str, tuple[str | None, str | None]] = {}
+        names: dict[tuple[str, str], tuple[str | None, str | None]] = {}
         for slot in due:
             count, reasons = self._failures.pop(slot)
-            minute, lookup_id, client = slot
+            minute, lookup_id, client, workspace = slot
             # docs/reference/admin-api.md: the key name appears in every event about a key, so failures against a real
             # key's lookup id name it (a lookup id is not secret; the failed secret is never kept).
-            if lookup_id and lookup_id not in names:
+            if lookup_id and (lookup_id, workspace) not in names:
                 try:
                     record = await self._store.get_by_lookup_id(lookup_id)
                 except Exception:
                     record = None
-                same = record is not None and record.workspace == self.workspace
-                names[lookup_id] = (record.id, record.name) if same and record else (None, None)
-            key_id, key_name = names.get(lookup_id, (None, None))
+                # Only a key of the event's own workspace is named: another workspace's key is, to
+                # this workspace, unknown.
+                same = record is not None and record.workspace == workspace
+                names[lookup_id, workspace] = (record.id, record.name) if same and record else (None, None)
+            key_id, key_name = names.get((lookup_id, workspace), (None, None))
             events.append(self.event(
-                AUTH_FAILED, "anonymous", client=client, key_id=key_id, key_name=key_name,
+                AUTH_FAILED, "anonymous", client=client, key_id=key_id, key_name=key_name, workspace=workspace,
                 details={"lookup_id": lookup_id or None, "count": count, "reasons": reasons,
                          "minute": datetime.fromtimestamp(minute * 60, UTC).isoformat().replace("+00:00", "Z")},
             ))

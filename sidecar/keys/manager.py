@@ -111,10 +111,22 @@ class KeyManager:
         self._audit = audit
         self._on_change = on_change
 
+    def _scope(self, workspace: str | None) -> str | None:
+        """The workspace an operation is limited to: the one given, else the configured one;
+        None (every workspace) only with [workspaces] and no workspace given (the CLI)."""
+        if workspace is not None:
+            return workspace
+        return None if self._settings.multi_workspace else self._settings.workspace
+
     async def create(self, *, name: object, roles: object, actor: str, client: str | None,
                      expires_at: object = None, extra_audit: Sequence[Any] = (),
-                     details: Mapping[str, Any] | None = None) -> tuple[KeyRecord, str]:
-        """Create a key; returns the record and the full key (the only time it exists)."""
+                     details: Mapping[str, Any] | None = None, workspace: str | None = None) -> tuple[KeyRecord, str]:
+        """Create a key in ``workspace`` (required with [workspaces]); returns the record and the
+        full key (the only time it exists)."""
+        home = self._scope(workspace)
+        if home is None:
+            raise InvalidInput("missing_workspace", "workspace is required: keys belong to one workspace",
+                               "workspace")
         valid_name = validate_name(name)
         valid_roles = validate_roles(roles, self._settings)
         expiry = parse_time(expires_at, "expires_at")
@@ -124,11 +136,11 @@ class KeyManager:
             now = utcnow()
             record = KeyRecord(
                 id=new_key_id(), lookup_id=key.lookup_id, name=valid_name, roles=valid_roles,
-                workspace=self._settings.workspace, status=ENABLED, created_at=now, created_by=actor,
+                workspace=home, status=ENABLED, created_at=now, created_by=actor,
                 key_hash=key_hash, expires_at=expiry,
             )
             event = self._audit.event(KEY_CREATED, actor, key_id=record.id, key_name=record.name,
-                                      client=client, details={"roles": list(valid_roles),
+                                      client=client, workspace=home, details={"roles": list(valid_roles),
                                                               "expires_at": to_rfc3339(expiry),
                                                               **(details or {})})
             try:
@@ -143,20 +155,27 @@ class KeyManager:
             return stored, key.full
         raise StoreError("could not allocate a key id")
 
-    async def get(self, key_id: str) -> KeyRecord:
+    async def get(self, key_id: str, workspace: str | None = None) -> KeyRecord:
+        """The key, if it is in ``workspace`` (see :meth:`_scope`); another workspace's key is
+        not found, exactly as a key that does not exist."""
         record = await self._store.get_key(key_id)
-        if record is None or record.workspace != self._settings.workspace:
+        scope = self._scope(workspace)
+        if record is None or (scope is not None and record.workspace != scope):
             raise KeyNotFound(key_id)
         return record
 
-    async def list(self) -> list[KeyRecord]:
-        return await self._store.list_keys(self._settings.workspace)
+    async def list(self, workspace: str | None = None) -> list[KeyRecord]:
+        scope = self._scope(workspace)
+        if scope is None:
+            return await self._store.all_keys()
+        return await self._store.list_keys(scope)
 
     async def set_status(self, key_id: str, status: str, *, actor: str, client: str | None,
-                         details: Mapping[str, Any] | None = None) -> KeyRecord:
-        current = await self.get(key_id)
+                         details: Mapping[str, Any] | None = None, workspace: str | None = None) -> KeyRecord:
+        current = await self.get(key_id, workspace)
         action = KEY_DISABLED if status == DISABLED else KEY_ENABLED
         event = self._audit.event(action, actor, key_id=current.id, key_name=current.name, client=client,
+                                  workspace=current.workspace,
                                   details={"previous_status": current.status, **(details or {})})
         updated = await self._store.set_status(key_id, status, utcnow(), event)
         if updated is None:
@@ -169,20 +188,22 @@ class KeyManager:
         return updated
 
     async def rotate(self, key_id: str, *, name: object, actor: str, client: str | None,
-                     disable_old_at: object = None) -> tuple[KeyRecord, str, KeyRecord]:
-        """New key with the old key's roles; optionally schedule the old one's disable."""
-        old = await self.get(key_id)
+                     disable_old_at: object = None, workspace: str | None = None) -> tuple[KeyRecord, str, KeyRecord]:
+        """New key with the old key's roles (in its workspace); optionally schedule the old one's disable."""
+        old = await self.get(key_id, workspace)
         when = parse_time(disable_old_at, "disable_old_at")
         valid_name = validate_name(name)
         # Roles no longer in the config are dropped; at least one must remain.
         roles = [r for r in old.roles if r in self._settings.roles]
         rotated = self._audit.event(KEY_ROTATED, actor, key_id=old.id, key_name=old.name, client=client,
+                                    workspace=old.workspace,
                                     details={"new_key_name": valid_name, "disable_old_at": to_rfc3339(when)})
         new, full = await self.create(name=valid_name, roles=roles, actor=actor, client=client,
-                                      extra_audit=[rotated], details={"rotated_from": old.id})
+                                      extra_audit=[rotated], details={"rotated_from": old.id},
+                                      workspace=old.workspace)
         if when is not None:
             await self._store.schedule_disable(old.id, when)
-            old = await self.get(old.id)
+            old = await self.get(old.id, old.workspace)
             if self._on_change is not None:
                 self._on_change(old)
         return new, full, old

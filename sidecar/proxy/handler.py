@@ -24,6 +24,7 @@ from sidecar.gate.peers import ClientRequest, Network, client_address, is_truste
 from sidecar.gate.principal import PASSTHROUGH, Principal
 from sidecar.gate.sessions import SessionBindings
 from sidecar.gate.tools import ToolPolicy
+from sidecar.gate.workspaces import HostWorkspaces
 from sidecar.http.client import PoolExhausted, UpstreamError, UpstreamPool, UpstreamResponse
 from sidecar.http.server import BodyError, Request
 from sidecar.http.wire import reason_phrase
@@ -108,7 +109,8 @@ class _Outcome:
 class ProxyHandler:
     def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
                  pool: UpstreamPool, metrics: Metrics, log: JsonLog,
-                 streams: StreamRegistry, bindings: SessionBindings, activity: ToolCallRecorder) -> None:
+                 streams: StreamRegistry, bindings: SessionBindings, activity: ToolCallRecorder,
+                 workspaces: HostWorkspaces | None = None) -> None:
         self._settings = settings
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = authenticator
@@ -121,6 +123,8 @@ class ProxyHandler:
         self._head_timeout = settings.upstream_timeout_seconds
         self._mcp = McpGate(metrics, activity)
         self._resource_metadata = authenticator.resource_metadata
+        # [workspaces] mode: each request's workspace from its host (sidecar.gate.workspaces).
+        self._workspaces = workspaces
 
     def client_address(self, request: ClientRequest) -> str:
         return client_address(request, self._trusted)
@@ -131,9 +135,11 @@ class ProxyHandler:
         started = time.perf_counter()
         outcome = _Outcome()
         principal: Principal | None = None
+        workspace: str | None = None
         try:
             self._guard(request)
-            principal = caller or await self._auth.authenticate(request, users=True)
+            workspace = self._workspaces.of(request) if self._workspaces is not None else None
+            principal = caller or await self._auth.authenticate(request, users=True, workspace=workspace)
             await self._forward(request, principal, outcome, started)
         except SidecarError as exc:
             outcome.status = exc.status
@@ -153,6 +159,8 @@ class ProxyHandler:
             mcp = outcome.mcp
             self._log.access(
                 kind=kind,
+                # The request's workspace ([workspaces] mode), else the caller's.
+                workspace=workspace or (principal.workspace if principal and principal.kind != PASSTHROUGH else None),
                 key_id=principal.key_id if principal else None,
                 key_name=principal.name if principal else None,
                 client=request.remote, method=request.method, path=request.path,

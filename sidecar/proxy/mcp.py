@@ -46,7 +46,8 @@ class ToolCallRecorder(Protocol):
     """Where each ``tools/call`` decision goes (the activity audit); called on the hot path, so
     it must not wait for anything."""
 
-    def tool_called(self, *, key_id: str, key_name: str, tool: str, outcome: str, client: str) -> None: ...
+    def tool_called(self, *, key_id: str, key_name: str, tool: str, outcome: str, client: str,
+                    workspace: str | None = None) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -146,6 +147,7 @@ class McpGate:
                 continue
             counter.inc()
             self._recorder.tool_called(key_id=principal.key_id, key_name=principal.name,
+                                       workspace=principal.workspace,
                                        tool=(call.name or "")[:MAX_LOGGED_NAME], outcome=outcome, client=client)
 
     def inspect(self, *, method: str, headers: Any, body: bytes | None, principal: Principal,

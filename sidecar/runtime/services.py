@@ -23,6 +23,7 @@ from sidecar.gate.cache import KeyCache
 from sidecar.gate.oauth import OAuthGate
 from sidecar.gate.peers import ClientRequest
 from sidecar.gate.sessions import SessionBindings
+from sidecar.gate.workspaces import HostWorkspaces
 from sidecar.http.client import UpstreamPool
 from sidecar.keys.activity import FLUSH_SECONDS, ActivityLog
 from sidecar.keys.audit import KEY_EXPIRED, AuditLog
@@ -107,7 +108,9 @@ class Services:
                                            oauth=self.oauth)
         self.events.on_enabled = self.authenticator.forgive
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
-                                  self.log, self.streams, self.bindings, self.activity)
+                                  self.log, self.streams, self.bindings, self.activity,
+                                  workspaces=HostWorkspaces(settings.workspaces, proxy.trusted_proxies)
+                                  if settings.workspaces is not None else None)
         await self.refresh_key_gauge()
         self._tasks = [
             asyncio.create_task(self._every(settings.auth.store_poll_seconds, self.events.poll), name="poll"),
@@ -194,9 +197,10 @@ class Services:
         cut by the stream registry's timer at ``expires_at``; this only records it, once across
         every process sharing the store."""
         for record in await self.store.due_expiries(utcnow()):
-            if record.workspace != self.settings.workspace:
+            if not self.settings.multi_workspace and record.workspace != self.settings.workspace:
                 continue
             event = self.audit.event(KEY_EXPIRED, "scheduler", key_id=record.id, key_name=record.name,
+                                     workspace=record.workspace,
                                      details={"expires_at": to_rfc3339(record.expires_at)})
             self.cache.invalidate(record.id)
             self.streams.cut(record.id)
@@ -213,5 +217,8 @@ class Services:
             self.log.info("signing keys changed", signing_kid=keys[0].kid, published=len(keys))
 
     async def refresh_key_gauge(self) -> None:
-        for status, count in (await self.store.count_by_status(self.settings.workspace)).items():
+        # With [workspaces], every workspace's keys together: metrics carry no workspace label
+        # (one per workspace would be unbounded; docs/reference/metrics.md).
+        scope = None if self.settings.multi_workspace else self.settings.workspace
+        for status, count in (await self.store.count_by_status(scope)).items():
             self.metrics.keys.labels(status).set(count)

@@ -6,7 +6,7 @@ import dataclasses
 import tomllib
 from typing import Any
 
-from sidecar.settings import Settings, load_settings
+from sidecar.settings import Settings, load_settings, settings_from_mapping
 from tests.support.config import REPOSITORY
 
 EXAMPLE = REPOSITORY / "config.example.toml"
@@ -42,8 +42,25 @@ def _example_names(table: dict[str, Any], prefix: str = "") -> set[str]:
 
 def test_every_setting_in_code_is_documented_in_the_example() -> None:
     example = tomllib.loads(EXAMPLE.read_text())
-    missing = _setting_names(Settings) - _example_names(example)
+    # A mode that replaces a setting (``[workspaces]`` instead of ``workspace``) is shown as a
+    # commented-out table; test_the_commented_workspaces_table_loads_in_place_of_workspace loads it.
+    commented = {line[3:-1] for line in EXAMPLE.read_text().splitlines() if line.startswith("# [")}
+    missing = _setting_names(Settings) - _example_names(example) - commented
     assert not missing, f"settings missing from config.example.toml: {sorted(missing)}"
+
+
+def test_the_commented_workspaces_table_loads_in_place_of_workspace() -> None:
+    lines = EXAMPLE.read_text().splitlines()
+    start = lines.index("# [workspaces]")
+    block = []
+    for line in lines[start:]:
+        if not line.startswith("# "):
+            break
+        block.append(line[2:])
+    text = "\n".join(line for line in lines if not line.startswith("workspace = "))
+    settings = settings_from_mapping(tomllib.loads(text + "\n" + "\n".join(block) + "\n"), {})
+    assert settings.workspaces is not None
+    assert settings.workspaces.from_host == "{workspace}.toolio.com"
 
 
 def test_the_example_shows_the_defaults_and_loads() -> None:

@@ -158,7 +158,8 @@ class KeyStore(ABC):
         """A number that moves when another connection/process commits (cheap to poll)."""
 
     @abstractmethod
-    async def count_by_status(self, workspace: str) -> dict[str, int]: ...
+    async def count_by_status(self, workspace: str | None) -> dict[str, int]:
+        """Keys per status in ``workspace``; None: in every workspace ([workspaces] mode)."""
 
     # MCP session bindings (MCP security best practices: bind a session to its caller). Kept in
     # the store so that a binding holds after a restart and on every replica sharing the store.

@@ -504,11 +504,11 @@ class PostgresKeyStore(KeyStore):
                     "UPDATE keys SET last_used_at = GREATEST(last_used_at, $1) WHERE id = $2",
                     [(_ts(when), key_id) for key_id, when in sorted(last_used.items())])
 
-    async def count_by_status(self, workspace: str) -> dict[str, int]:
+    async def count_by_status(self, workspace: str | None) -> dict[str, int]:
         for attempt in self._attempts():
             async with attempt as con:
-                rows = await con.fetch("SELECT status, COUNT(*) FROM keys WHERE workspace = $1 GROUP BY status",
-                                       workspace)
+                rows = await con.fetch("SELECT status, COUNT(*) FROM keys WHERE $1::text IS NULL OR workspace = $1 "
+                                       "GROUP BY status", workspace)
         counts = {ENABLED: 0, DISABLED: 0}
         for status, count in rows:
             counts[str(status)] = int(count)

@@ -429,9 +429,10 @@ class SQLiteKeyStore(KeyStore):
             row = await cur.fetchone()
         return int(row[0]) if row else 0
 
-    async def count_by_status(self, workspace: str) -> dict[str, int]:
+    async def count_by_status(self, workspace: str | None) -> dict[str, int]:
         async with self.db.execute(
-            "SELECT status, COUNT(*) FROM keys WHERE workspace = ? GROUP BY status", (workspace,)
+            "SELECT status, COUNT(*) FROM keys WHERE ? IS NULL OR workspace = ? GROUP BY status",
+            (workspace, workspace)
         ) as cur:
             counts = {ENABLED: 0, DISABLED: 0}
             for status, count in await cur.fetchall():
