@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
 from sidecar.keys.errors import InvalidInput, KeyNotFound, NameTaken
 from sidecar.keys.format import ALPHABET, KeyHasher, generate_key, preview
+from sidecar.keys.listing import MAX_LIMIT, KeyPage, KeyQuery
 from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 from sidecar.settings import Settings
@@ -44,6 +46,8 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
         "last_used_at": to_rfc3339(record.last_used_at),
         "disabled_at": to_rfc3339(record.disabled_at),
         "expires_at": to_rfc3339(record.expires_at),
+        # When a disable scheduled by a rotation takes effect (docs/reference/keys.md, Rotation).
+        "disable_at": to_rfc3339(record.disable_at),
     }
 
 
@@ -149,8 +153,34 @@ class KeyManager:
             raise KeyNotFound(key_id)
         return record
 
+    async def find(self, ref: str) -> KeyRecord:
+        """The key whose id, or else whose name, is ``ref`` (the CLI takes either)."""
+        record = await self._store.get_key(ref)
+        if record is None or record.workspace != self._settings.workspace:
+            record = await self._store.get_key_by_name(self._settings.workspace, ref)
+        if record is None:
+            raise KeyNotFound(ref, by_name=True)
+        return record
+
+    async def page(self, query: KeyQuery) -> KeyPage:
+        """One page of this workspace's keys (sidecar.keys.listing)."""
+        if query.workspace != self._settings.workspace:
+            raise ValueError("a key query names another workspace")
+        return await self._store.page_keys(query)
+
+    async def pages(self, query: KeyQuery | None = None) -> AsyncIterator[list[KeyRecord]]:
+        """Every page of ``query`` (default: all keys, oldest first), one store read each."""
+        query = query or KeyQuery(self._settings.workspace, limit=MAX_LIMIT)
+        while True:
+            page = await self.page(query)
+            yield page.keys
+            if page.next is None:
+                return
+            query = replace(query, after=page.next)
+
     async def list(self) -> list[KeyRecord]:
-        return await self._store.list_keys(self._settings.workspace)
+        """Every key of the workspace, oldest first, read a page at a time."""
+        return [record async for page in self.pages() for record in page]
 
     async def set_status(self, key_id: str, status: str, *, actor: str, client: str | None,
                          details: Mapping[str, Any] | None = None) -> KeyRecord:

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from sidecar.keys.listing import KeyPage, KeyQuery
 from sidecar.keys.records import AuditRecord, KeyRecord
 
 
@@ -98,7 +99,15 @@ class KeyStore(ABC):
     async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None: ...
 
     @abstractmethod
+    async def get_key_by_name(self, workspace: str, name: str) -> KeyRecord | None: ...
+
+    @abstractmethod
     async def list_keys(self, workspace: str) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def page_keys(self, query: KeyQuery) -> KeyPage:
+        """One page of a workspace's keys (sidecar.keys.listing): read in index order from just
+        after ``query.after``, at most ``query.limit`` keys."""
 
     @abstractmethod
     async def set_status(self, key_id: str, status: str, now: datetime,
@@ -129,7 +138,9 @@ class KeyStore(ABC):
     async def append_audit(self, events: Iterable[AuditRecord]) -> None: ...
 
     @abstractmethod
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]: ...
+    async def list_audit(self, workspace: str, limit: int, before: int | None, *,
+                         action: str | None = None, key_id: str | None = None) -> list[AuditRecord]:
+        """Newest first; only events with ``id < before``, of ``action``, about ``key_id``, when given."""
 
     @abstractmethod
     async def changes_since(self, revision: int) -> tuple[int, list[KeyRecord]]:

@@ -44,7 +44,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord
+from sidecar.keys.listing import KeyPage, KeyQuery, page_from_rows
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, from_rfc3339
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 CHANGE_CHANNEL = "toolio_key_changes"
@@ -119,6 +120,13 @@ MIGRATIONS: tuple[str, ...] = (
     -- Values every replica must share, e.g. the signing key set; first writer wins.
     CREATE TABLE shared_settings (name TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    """
+    -- Key listing pages are read in the order of these indexes (sidecar/keys/listing.py); by name
+    -- it is the keys_workspace_name_key index. A never-used key sorts as -infinity.
+    CREATE INDEX IF NOT EXISTS keys_workspace_created ON keys (workspace, created_at, id);
+    CREATE INDEX IF NOT EXISTS keys_workspace_last_used
+        ON keys (workspace, COALESCE(last_used_at, '-infinity'::timestamptz), id);
+    """,
 )
 
 _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -162,6 +170,41 @@ def _key_from_row(row: asyncpg.Record) -> KeyRecord:
         key_hash=key_hash, created_at=created_at, created_by=created_by, last_used_at=last_used_at,
         disabled_at=disabled_at, expires_at=expires_at, disable_at=disable_at, revision=int(revision),
     )
+
+
+# The sort columns of each listing order, exactly as the listing indexes (MIGRATIONS) spell them.
+_NEVER = "'-infinity'::timestamptz"
+_SORT_COLUMNS = {"name": ("name",), "created": ("created_at", "id"),
+                 "last_used": (f"COALESCE(last_used_at, {_NEVER})", "id")}
+
+
+def page_sql(query: KeyQuery) -> tuple[str, list[Any]]:
+    """The statement and parameters that read one listing page (exposed for the query-plan test)."""
+    columns = _SORT_COLUMNS[query.sort]
+    where = ["workspace = $1"]
+    args: list[Any] = [query.workspace]
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if query.status is not None:
+        where.append(f"status = {arg(query.status)}")
+    if query.role is not None:
+        where.append(f"{arg(query.role)} = ANY(roles)")
+    if query.search is not None:
+        # Names are ASCII (sidecar.keys.manager.NAME_RULE), so lower() folds all their case.
+        where.append(f"strpos(lower(name), {arg(query.search.lower())}) > 0")
+    if query.after is not None:
+        seek = "<" if query.descending else ">"
+        if query.sort == "name":
+            where.append(f"name {seek} {arg(query.after.value)}")
+        else:
+            when = from_rfc3339(query.after.value)
+            first = f"COALESCE({arg(when)}::timestamptz, {_NEVER})" if query.sort == "last_used" else arg(when)
+            where.append(f"({', '.join(columns)}) {seek} ({first}, {arg(query.after.key_id)})")
+    order = ", ".join(f"{c} DESC" if query.descending else c for c in columns)
+    return f"{_SELECT_KEYS} WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {arg(query.limit + 1)}", args
 
 
 def _audit_params(event: AuditRecord) -> tuple[Any, ...]:
@@ -420,6 +463,15 @@ class PostgresKeyStore(KeyStore):
     async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None:
         return await self._fetch_key(f"{_SELECT_KEYS} WHERE lookup_id = $1", lookup_id)
 
+    async def get_key_by_name(self, workspace: str, name: str) -> KeyRecord | None:
+        return await self._fetch_key(f"{_SELECT_KEYS} WHERE workspace = $1 AND name = $2", workspace, name)
+
+    async def page_keys(self, query: KeyQuery) -> KeyPage:
+        if query.matches_nothing:
+            return KeyPage([], None)
+        sql, args = page_sql(query)
+        return page_from_rows(await self._fetch_keys(sql, *args), query)
+
     async def list_keys(self, workspace: str) -> list[KeyRecord]:
         return await self._fetch_keys(f"{_SELECT_KEYS} WHERE workspace = $1 ORDER BY created_at, id", workspace)
 
@@ -506,13 +558,15 @@ class PostgresKeyStore(KeyStore):
             async with attempt as con:
                 await con.executemany(_INSERT_AUDIT, rows)
 
-    async def list_audit(self, workspace: str, limit: int, before: int | None) -> list[AuditRecord]:
+    async def list_audit(self, workspace: str, limit: int, before: int | None, *,
+                         action: str | None = None, key_id: str | None = None) -> list[AuditRecord]:
         sql = ('SELECT id, "time", action, actor, workspace, key_id, key_name, client, details '
                "FROM audit_events WHERE workspace = $1")
         args: list[Any] = [workspace]
-        if before is not None:
-            sql += " AND id < $2"
-            args.append(before)
+        for column, value in (("id <", before), ("action =", action), ("key_id =", key_id)):
+            if value is not None:
+                args.append(value)
+                sql += f" AND {column} ${len(args)}"
         sql += f" ORDER BY id DESC LIMIT ${len(args) + 1}"
         args.append(limit)
         for attempt in self._attempts():
