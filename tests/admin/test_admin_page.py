@@ -8,131 +8,19 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-import pytest_asyncio
 from aiohttp import web
-from playwright.async_api import (
-    Browser,
-    BrowserContext,
-    ConsoleMessage,
-    Dialog,
-    Locator,
-    Page,
-    Request,
-    async_playwright,
-    expect,
-)
+from playwright.async_api import Browser, expect
 
-from tests.support.admin import AdminSidecar, admin_sidecar
+from tests.support.admin import admin_sidecar
+from tests.support.browser import add_key, admin_page, browser, key_row, role_box, sign_in
 from tests.support.mcp import mcp_client, mcp_url
 
 # One event loop for the module, so the shared browser fixture can serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-CHROMIUM = "/usr/bin/chromium"
-KEY_SHAPE = re.compile(r"tak_[0-9A-Za-z]{46}")
-
-if not Path(CHROMIUM).exists():  # pragma: no cover - scripts/test installs it; never a silent pass
-    pytest.fail("Chromium is not installed at /usr/bin/chromium: apt-get install -y chromium "
-                "(scripts/test does it as root)", pytrace=False)
-
-
-@dataclass
-class Watch:
-    """What a page did that it should not: console errors, uncaught exceptions, native dialogs
-    (window.alert), and requests to anywhere but the admin origin."""
-
-    origin: str
-    console_errors: list[str] = field(default_factory=list)
-    page_errors: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-    foreign_requests: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-
-    def attach(self, page: Page) -> None:
-        page.on("console", self._console)
-        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
-        page.on("dialog", self._dialog)
-        page.on("request", self._request)
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.console_errors.append(message.text)
-
-    async def _dialog(self, dialog: Dialog) -> None:
-        self.dialogs.append(dialog.message)
-        await dialog.dismiss()
-
-    def _request(self, request: Request) -> None:
-        self.requests.append(request.url)
-        if not request.url.startswith(self.origin + "/"):
-            self.foreign_requests.append(request.url)
-
-    def assert_clean(self) -> None:
-        assert self.console_errors == []
-        assert self.page_errors == []
-        assert self.dialogs == []
-        assert self.foreign_requests == []
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One Chromium for the module (launching costs seconds); each test gets its own context."""
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@asynccontextmanager
-async def admin_page(browser: Browser, sc: AdminSidecar) -> AsyncIterator[tuple[BrowserContext, Page, Watch]]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 860})
-    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=sc.admin_origin)
-    page = await context.new_page()
-    watch = Watch(sc.admin_origin)
-    watch.attach(page)
-    try:
-        yield context, page, watch
-    finally:
-        await context.close()
-
-
-async def sign_in(page: Page, sc: AdminSidecar) -> None:
-    await page.goto(sc.admin_origin + "/admin")
-    assert page.url == sc.admin_origin + "/admin/"
-    key_input = page.get_by_label("Admin API key")
-    await expect(key_input).to_be_visible()
-    assert await key_input.get_attribute("type") == "password"
-    await key_input.fill(sc.admin_key)
-    await page.get_by_role("button", name="Sign in").click()
-    await expect(page.get_by_role("heading", name="API Keys")).to_be_visible()
-    await expect(page.locator("#actor")).to_have_text("ops")
-
-
-def key_row(page: Page, name: str) -> Locator:
-    name_cell = page.locator(".key-name", has_text=re.compile(f"^{re.escape(name)}$"))
-    return page.locator("#keys-body tr", has=name_cell)
-
-
-async def add_key(page: Page, name: str, roles: list[str]) -> str:
-    await page.get_by_role("button", name="Add API Key").click()
-    dialog = page.locator("#add-dialog")
-    await expect(dialog).to_be_visible()
-    await dialog.get_by_label("Name").fill(name)
-    await dialog.get_by_label("Roles").select_option(roles)
-    await dialog.get_by_role("button", name="Save").click()
-    shown = page.locator("#key-dialog")
-    await expect(shown).to_be_visible()
-    value = await shown.locator("input").input_value()
-    assert KEY_SHAPE.fullmatch(value)
-    return value
+__all__ = ["browser"]  # the module-scoped fixture, used by name
 
 
 async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: Path, browser: Browser) -> None:
@@ -176,7 +64,7 @@ async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: P
         await row.click(button="right")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        await expect(menu.get_by_role("menuitem")).to_have_count(1)
+        await expect(menu.get_by_role("menuitem")).to_have_text(["View details", "Rotate…", "Disable"])
         await expect(menu.get_by_role("menuitem", name="Enable")).to_have_count(0)
         await menu.get_by_role("menuitem", name="Disable").click()
         await expect(menu).to_be_hidden()
@@ -231,23 +119,23 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         row = key_row(page, "kbd-agent")
         status = row.locator("td").nth(3)
         await expect(status).to_have_text("Enabled")
+        name = row.get_by_role("button", name="kbd-agent", exact=True)
 
-        # Row focused, Shift+F10: the menu opens and focus moves into it.
-        await row.focus()
+        # A cell of the row focused, Shift+F10: the menu opens and focus moves into it.
+        await name.focus()
         await page.keyboard.press("Shift+F10")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        item = menu.get_by_role("menuitem", name="Disable")
-        await expect(item).to_be_focused()
-        # Escape closes it and returns focus to the row.
+        await expect(menu.get_by_role("menuitem", name="View details")).to_be_focused()
+        # Escape closes it and returns focus to the cell it came from.
         await page.keyboard.press("Escape")
         await expect(menu).to_be_hidden()
-        await expect(row).to_be_focused()
+        await expect(name).to_be_focused()
 
-        # Shift+F10, arrow to the item, Enter.
+        # Shift+F10, End to Disable, Enter.
         await page.keyboard.press("Shift+F10")
         await expect(menu).to_be_visible()
-        await page.keyboard.press("ArrowDown")
+        await page.keyboard.press("End")
         await expect(menu.get_by_role("menuitem", name="Disable")).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(status).to_have_text("Disabled", timeout=2000)
@@ -255,16 +143,15 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         _, record, _ = await sc.call("GET", f"/keys/{agent['id']}")
         assert record["status"] == "disabled"
 
-        # The ContextMenu key works too.
-        await key_row(page, "kbd-agent").focus()
+        # The ContextMenu key works too, from any cell of the row.
+        await key_row(page, "kbd-agent").locator("td").nth(2).focus()
         await page.keyboard.press("ContextMenu")
-        await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
+        await expect(menu.get_by_role("menuitem", name="View details")).to_be_focused()
         await page.keyboard.press("Escape")
 
-        # The row's "Actions" button: Tab to it from the row, Enter, arrow, Enter.
+        # The row's ⋯ button: the arrow keys reach it (End of the row), Enter, End, Enter.
         row = key_row(page, "kbd-agent")
-        await row.focus()
-        await page.keyboard.press("Tab")
+        await page.keyboard.press("End")
         actions = row.get_by_role("button", name="Actions for kbd-agent")
         await expect(actions).to_be_focused()
         await expect(actions).to_have_attribute("aria-haspopup", "menu")
@@ -292,7 +179,7 @@ async def test_api_errors_show_inline_never_as_alerts(tmp_path: Path, browser: B
         await page.get_by_role("button", name="Add API Key").click()
         dialog = page.locator("#add-dialog")
         await dialog.get_by_label("Name").fill("ops")  # taken
-        await dialog.get_by_label("Roles").select_option(["viewer"])
+        await role_box(dialog, "viewer").check()
         await dialog.get_by_role("button", name="Save").click()
         error = dialog.get_by_role("alert")
         await expect(error).to_contain_text("already exists")
