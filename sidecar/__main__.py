@@ -7,6 +7,7 @@
     toolio-sidecar keys rotate KEY --name NEW [--disable-old-at T] [--json]
     toolio-sidecar audit list [--key KEY] [--action ACTION] [--limit N] [--before ID] [--json]
     toolio-sidecar demo
+    toolio-sidecar completion bash|zsh
     toolio-sidecar --version
 
 Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config, 141 when
@@ -32,6 +33,7 @@ from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
+from sidecar.completion import bash_script
 from sidecar.keys.audit import AuditLog
 from sidecar.keys.errors import InvalidInput, KeyDomainError
 from sidecar.keys.format import KeyHasher
@@ -145,6 +147,9 @@ def _parser() -> argparse.ArgumentParser:
     audit_list.add_argument("--limit", metavar="N", type=_count, default=50, help="how many events (default 50)")
     audit_list.add_argument("--before", metavar="ID", type=_count, help="only events older than this event id")
     audit_list.add_argument("--json", action="store_true", help="machine-readable output")
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"],
+                            help='e.g. source <(toolio-sidecar completion bash) in ~/.bashrc')
     with_config(commands.add_parser(
         "migrate", help="apply the store's schema migrations (e.g. from a Helm hook Job); serve does it too"))
     store = commands.add_parser("store", help="move keys between stores").add_subparsers(
@@ -470,7 +475,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        # zsh runs the bash script through its bash-completion emulation.
+        prefix = "autoload -U +X bashcompinit && bashcompinit\n" if args.shell == "zsh" else ""
+        print(prefix + bash_script(parser), end="")
+        return 0
     if args.command == "demo":
         run_demo = _demo_command()
         if run_demo is None:

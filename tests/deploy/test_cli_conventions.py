@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import sys
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
@@ -175,3 +176,34 @@ async def test_help_names_the_new_options(command: str) -> None:
     expected = ["--status", "--role", "--search", "--sort"] if command == "keys" else ["--key", "--action", "--limit"]
     for option in expected:
         assert option in result.stdout
+
+
+COMPLETE = """source <("$@" completion bash)
+complete_line() {
+    read -ra COMP_WORDS <<< "$1"
+    [[ "$1" == *" " ]] && COMP_WORDS+=("")
+    COMP_CWORD=$((${#COMP_WORDS[@]} - 1)); COMPREPLY=(); _toolio_sidecar
+    echo "${COMPREPLY[*]}"
+}
+"""
+
+
+@pytest.mark.parametrize(("line", "offered"), [
+    ("toolio-sidecar ", "serve demo keys audit completion migrate store signing -h --help --version"),
+    ("toolio-sidecar ke", "keys"),
+    ("toolio-sidecar keys ", "create list show disable enable rotate -h --help"),
+    ("toolio-sidecar keys list --s", "--search --status --sort"),
+    ("toolio-sidecar keys list --status ", "enabled disabled"),
+    ("toolio-sidecar keys list --sort -", "-name -created -last_used"),
+    ("toolio-sidecar audit list --", "--help --config --key --action --limit --before --json"),
+    ("toolio-sidecar completion ", "bash zsh -h --help"),
+    ("toolio-sidecar keys list --config conf", "config.toml"),
+])
+async def test_bash_completion_offers_the_commands_and_options(tmp_path: Path, line: str, offered: str) -> None:
+    (tmp_path / "config.toml").write_text("")
+    shell = await asyncio.create_subprocess_exec(
+        "bash", "-c", COMPLETE + f"complete_line {shlex.quote(line)}", "completion", sys.executable, "-m", "sidecar",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=tmp_path)
+    out, err = await asyncio.wait_for(shell.communicate(), 30)
+    assert (shell.returncode, err.decode()) == (0, "")
+    assert out.decode().split() == offered.split()
