@@ -874,23 +874,32 @@
   }
 
   // Hook for the key's recent calls: GET api/keys/{id}/activity, where this sidecar has it (it
-  // is found in the API's OpenAPI document, so an older sidecar is never asked and never 404s).
+  // is found in the API's OpenAPI document, so a sidecar without it is never asked and never
+  // 404s). Its answer: {"recent": [tool.called audit events], "tools_24h": [{tool, allowed, denied}]}.
+  const RECENT_CALLS = 10;
+
   async function loadActivity(keyId) {
     const body = $("key-activity-body");
     const none = () => body.replaceChildren(el("p", { class: "muted", text: "No activity recorded." }));
     try {
       if (state.paths === null) state.paths = Object.keys((await api("GET", "openapi.json")).paths || {});
       if (!state.paths.includes("/admin/api/keys/{id}/activity")) return none();
-      const data = await api("GET", `keys/${encodeURIComponent(keyId)}/activity?limit=10`);
+      const data = await api("GET", `keys/${encodeURIComponent(keyId)}/activity`);
       if (!detailKey || detailKey.id !== keyId) return undefined;
-      const events = (data && (data.events || data.activity)) || [];
-      if (events.length === 0) return none();
-      body.replaceChildren(el("ul", { class: "activity-list" }, ...events.map((event) => {
-        const details = event.details || {};
-        const what = details.tool || details.method || event.action || "call";
-        return el("li", {}, el("span", { class: "mono", text: String(what) }),
-          event.time ? el("span", { class: "muted" }, " · ", timeNode(event.time, ago)) : null);
-      })));
+      const events = ((data && (data.recent || data.events)) || []).slice(0, RECENT_CALLS);
+      const usage = (data && data.tools_24h) || [];
+      if (events.length === 0 && usage.length === 0) return none();
+      const calls = usage.reduce((sum, u) => sum + (u.allowed || 0) + (u.denied || 0), 0);
+      const denied = usage.reduce((sum, u) => sum + (u.denied || 0), 0);
+      body.replaceChildren(
+        el("p", { class: "muted", text: calls ? `${calls} tool call${calls === 1 ? "" : "s"} in the last 24 hours, `
+          + `${denied} denied.` : "No tool calls in the last 24 hours." }),
+        el("ul", { class: "activity-list" }, ...events.map((event) => {
+          const details = event.details || {};
+          return el("li", {}, el("span", { class: "mono", text: String(details.tool || event.action || "call") }),
+            details.outcome ? el("span", { class: `activity-outcome activity-${details.outcome}`, text: ` ${details.outcome}` }) : null,
+            event.time ? el("span", { class: "muted" }, " · ", timeNode(event.time, ago)) : null);
+        })));
     } catch (_) {
       none();
     }
