@@ -20,6 +20,8 @@ from admin.access import Access
 from admin.openapi import openapi_document
 from sidecar.errors import ApiError
 from sidecar.keys.audit import TOOL_CALLED
+from sidecar.keys.errors import InvalidInput
+from sidecar.keys.listing import encode_cursor, key_query
 from sidecar.keys.manager import key_json
 from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
 from sidecar.runtime.services import Services
@@ -120,8 +122,17 @@ class KeyApi:
 
     async def list_keys(self, request: web.Request) -> web.Response:
         caller = await self._access.caller(request)
-        records = await self._services.keys.list(caller.workspace)
-        return json_response(200, {"keys": [self._key(r) for r in records]})
+        params = request.query
+        try:
+            query = key_query(caller.workspace, self._settings.roles, search=params.get("q"),
+                              status=params.get("status"), role=params.get("role"), sort=params.get("sort"),
+                              limit=params.get("limit"), cursor=params.get("cursor"))
+        except InvalidInput as exc:
+            # A query parameter, not a body field: 400 like the audit's limit (docs/reference/admin-api.md).
+            raise ApiError(400, exc.code, exc.message, exc.field, exc.extra) from None
+        page = await self._services.keys.page(query)
+        next_cursor = encode_cursor(query, page.next) if page.next is not None else None
+        return json_response(200, {"keys": [self._key(r) for r in page.keys], "next_cursor": next_cursor})
 
     async def create_key(self, request: web.Request) -> web.Response:
         caller = await self._access.caller(request)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sidecar.keys.listing import DEFAULT_LIMIT, DEFAULT_SORT, MAX_LIMIT, SORTS
+
 _TIME = {"type": "string", "format": "date-time"}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
 
@@ -88,10 +90,32 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
         },
         "/admin/api/keys": {
             "get": {
-                "operationId": "listKeys", "tags": ["keys"], "summary": "List keys",
+                "operationId": "listKeys", "tags": ["keys"], "summary": "List keys, a page at a time",
+                "description": "Filters combine. Pages are stable: keys added or changed while paging "
+                               "do not shift the pages still to come.",
                 "security": _READ_SECURITY,
-                "responses": {"200": _json(_ref("KeyList"), "All keys of the workspace"),
-                              **_errors("401", "403", "429")},
+                "parameters": [
+                    {"name": "q", "in": "query", "required": False,
+                     "description": "Only keys whose name contains this text (any case)",
+                     "schema": {"type": "string"}},
+                    {"name": "status", "in": "query", "required": False, "description": "Only keys with this status",
+                     "schema": {"type": "string", "enum": ["enabled", "disabled"]}},
+                    {"name": "role", "in": "query", "required": False,
+                     "description": "Only keys with this role (a configured role name)",
+                     "schema": {"type": "string"}},
+                    {"name": "sort", "in": "query", "required": False,
+                     "description": "The order: by name, creation time or last use; a leading - reverses it. "
+                                    "Ties are broken by id; never-used keys come first in last_used order.",
+                     "schema": {"type": "string", "default": DEFAULT_SORT,
+                                "enum": [t for s in SORTS for t in (s, "-" + s)]}},
+                    {"name": "limit", "in": "query", "required": False, "description": "How many keys per page",
+                     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT, "default": DEFAULT_LIMIT}},
+                    {"name": "cursor", "in": "query", "required": False,
+                     "description": "Where to continue: the previous page's next_cursor, with the same sort",
+                     "schema": {"type": "string"}},
+                ],
+                "responses": {"200": _json(_ref("KeyList"), "One page of the workspace's keys"),
+                              **_errors("400", "401", "403", "429")},
             },
             "post": {
                 "operationId": "createKey", "tags": ["keys"], "summary": "Create a key",
@@ -186,6 +210,7 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
         "last_used_at": _TIME_OR_NULL,
         "disabled_at": _TIME_OR_NULL,
         "expires_at": _TIME_OR_NULL,
+        "disable_at": {**_TIME_OR_NULL, "description": "When a disable scheduled by a rotation takes effect"},
     }
     full_key = {"type": "string", "pattern": "^tak_[0-9A-Za-z]{46}$",
                 "description": "The full key. Shown only in this response; store it now."}
@@ -206,8 +231,11 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                        "properties": {**key_properties, "key": full_key, "rotated_from": _ref("Key"),
                                       "disable_old_at": {**_TIME_OR_NULL,
                                                          "description": "When the old key will be disabled"}}},
-        "KeyList": {"type": "object", "required": ["keys"],
-                    "properties": {"keys": {"type": "array", "items": _ref("Key")}}},
+        "KeyList": {"type": "object", "required": ["keys", "next_cursor"],
+                    "properties": {"keys": {"type": "array", "items": _ref("Key")},
+                                   "next_cursor": {"type": ["string", "null"],
+                                                   "description": "Pass as cursor for the next page; "
+                                                                  "null on the last page"}}},
         "CreateKeyRequest": {
             "type": "object", "required": ["name", "roles"], "additionalProperties": False,
             "properties": {

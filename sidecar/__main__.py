@@ -2,14 +2,20 @@
 
     toolio-sidecar serve [--config PATH]
     toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--json]
-    toolio-sidecar keys list|show ID|disable ID|enable ID [--json]
-    toolio-sidecar keys rotate ID --name NEW [--disable-old-at T] [--json]
+    toolio-sidecar keys list [--search TEXT] [--status S] [--role ROLE] [--sort SORT] [--json]
+    toolio-sidecar keys show|disable|enable KEY [--json]          (KEY: an id or a name)
+    toolio-sidecar keys rotate KEY --name NEW [--disable-old-at T] [--json]
     toolio-sidecar keys generate [--json]
     toolio-sidecar keys import --name NAME --role ROLE [--role ROLE ...] [--json]   (value on stdin or in an env var)
+    toolio-sidecar audit list [--key KEY] [--action ACTION] [--limit N] [--before ID] [--json]
+    (with [workspaces]: --workspace NAME on keys create|list|show|disable|enable|rotate and audit list)
     toolio-sidecar demo
+    toolio-sidecar completion bash|zsh
+    toolio-sidecar --version
 
-Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config. Every
-refusal is one line on stderr (``--json``: one JSON object), never a traceback.
+Exit status: 0 ok, 1 operation failed (e.g. unknown id), 2 bad usage or bad config, 141 when
+the reader of stdout went away (``| head``), as for a command ended by SIGPIPE. Every refusal
+is one line on stderr (``--json``: one JSON object), never a traceback.
 """
 
 from __future__ import annotations
@@ -25,17 +31,20 @@ import time
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import asdict
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any, NoReturn
 
 from prometheus_client import CollectorRegistry
 
 from sidecar import __version__
+from sidecar.completion import bash_script
 from sidecar.keys.audit import AuditLog
 from sidecar.keys.errors import InvalidInput, KeyDomainError
 from sidecar.keys.format import KeyHasher, generate_key, preview
 from sidecar.keys.importer import IMPORT_KEY_ENV, import_key
+from sidecar.keys.listing import MAX_LIMIT, key_query
 from sidecar.keys.manager import KeyManager, key_json
-from sidecar.keys.records import DISABLED, ENABLED
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord
 from sidecar.keys.store import store_for
 from sidecar.keys.store.base import KeyStore, StoreError
 from sidecar.keys.store.copy import copy_store
@@ -52,11 +61,18 @@ from sidecar.proxy.assertion import (
 )
 from sidecar.settings import CONFIG_ENV, Settings, SettingsError, host_workspace_name, load_settings
 
-# Key ids are "key_" + base62 (sidecar.keys.new_key_id). Anything outside this is a usage error
-# (status 2) rather than an unknown id (status 1), and never reaches the store: SQLite cannot
-# even bind a string holding the lone surrogates that undecodable argv bytes become (PEP 383).
-_KEY_ID_ARG = re.compile(r"[A-Za-z0-9_-]{1,128}")
+# A key is named by its id ("key_" + base62, sidecar.keys.new_key_id) or its name (1-64 of
+# A-Z a-z 0-9 . _ -). Anything outside both is a usage error (status 2) rather than an unknown
+# key (status 1), and never reaches the store: SQLite cannot even bind a string holding the lone
+# surrogates that undecodable argv bytes become (PEP 383).
+_KEY_ID_ARG = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _PORT_ARG = re.compile(r"[0-9]{1,5}")
+_ACTION_ARG = re.compile(r"[a-z0-9_.-]{1,64}")
+# Exit status when stdout's reader has gone: what a shell reports for a command SIGPIPE ended.
+BROKEN_PIPE = 141
+AUDIT_PAGE = 500
+CREATE_CONFIG_HINT = ("create one with: cp config.example.toml config.toml "
+                      f"(or pass --config PATH, or set {CONFIG_ENV})")
 
 
 def _one_line(text: str) -> str:
@@ -69,6 +85,13 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {_one_line(message)} (see --help)\n")
+
+
+def _count(text: str) -> int:
+    # ASCII digits only: int() would also take "١٢".
+    if not re.fullmatch(r"[0-9]{1,9}", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a whole number from 1: {text!r}")
+    return int(text)
 
 
 def _port(text: str) -> int:
@@ -98,11 +121,17 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", action="append", required=True, dest="roles")
     create.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
-    with_config(keys.add_parser("list", help="list keys"))
+    listing = with_config(keys.add_parser("list", help="list keys (every page of them)"))
+    listing.add_argument("--search", metavar="TEXT", help="only keys whose name contains TEXT (any case)")
+    listing.add_argument("--status", metavar="STATUS", help="only enabled or disabled keys")
+    listing.add_argument("--role", metavar="ROLE", help="only keys with this role")
+    listing.add_argument("--sort", metavar="SORT", default="created",
+                         help="name, created (default) or last_used; a leading - reverses (write --sort=-name)")
     for verb in ("show", "disable", "enable"):
-        with_config(keys.add_parser(verb, help=f"{verb} a key")).add_argument("id")
+        with_config(keys.add_parser(verb, help=f"{verb} a key")).add_argument(
+            "id", metavar="KEY", help="the key's id (key_...) or name")
     rotate = with_config(keys.add_parser("rotate", help="new key with the same roles"))
-    rotate.add_argument("id")
+    rotate.add_argument("id", metavar="KEY", help="the key's id (key_...) or name")
     rotate.add_argument("--name", required=True)
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
     for verb in ("create", "list", "show", "disable", "enable", "rotate"):
@@ -113,6 +142,19 @@ def _parser() -> argparse.ArgumentParser:
     for sub in keys.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
 
+    audit = commands.add_parser("audit", help="read the audit log in the store").add_subparsers(
+        dest="audit_command", required=True)
+    audit_list = with_config(audit.add_parser("list", help="audit events, newest first"))
+    audit_list.add_argument("--key", metavar="KEY", help="only events about this key (id or name)")
+    audit_list.add_argument("--action", metavar="ACTION", help="only events of this action, e.g. key.disabled")
+    audit_list.add_argument("--limit", metavar="N", type=_count, default=50, help="how many events (default 50)")
+    audit_list.add_argument("--before", metavar="ID", type=_count, help="only events older than this event id")
+    audit_list.add_argument("--workspace", metavar="NAME",
+                            help="the workspace whose events to read (required with [workspaces])")
+    audit_list.add_argument("--json", action="store_true", help="machine-readable output")
+    completion = commands.add_parser("completion", help="print a shell completion script")
+    completion.add_argument("shell", choices=["bash", "zsh"],
+                            help='e.g. source <(toolio-sidecar completion bash) in ~/.bashrc')
     with_config(commands.add_parser(
         "migrate", help="apply the store's schema migrations (e.g. from a Helm hook Job); serve does it too"))
     store = commands.add_parser("store", help="move keys between stores").add_subparsers(
@@ -129,7 +171,17 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+class MissingConfig(SettingsError):
+    """No file at the config path: the one refusal that says how to make one."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__("config", f"no config file at {path}")
+        self.path = path
+
+
 def _load(path: str) -> Settings:
+    if not Path(path).exists():
+        raise MissingConfig(path)
     try:
         return load_settings(path, os.environ)
     except UnicodeDecodeError:  # tomllib reads UTF-8 only and says so with this, not TOMLDecodeError
@@ -138,6 +190,18 @@ def _load(path: str) -> Settings:
 
 def _settings(args: argparse.Namespace) -> Settings:
     return _load(args.config or os.environ.get(CONFIG_ENV) or "config.toml")
+
+
+def _config_refusal(exc: SettingsError) -> int:
+    """Say what is wrong with the config in one line on stderr; exit status 2."""
+    text = str(exc)
+    if exc.key == "config":
+        # About the file itself, not a key in it: "config: config: ..." would say it twice.
+        text = "config file: " + text.removeprefix("config: config: ")
+    if isinstance(exc, MissingConfig):
+        text = f"no config file at {exc.path}; {CREATE_CONFIG_HINT}"
+    print(f"toolio-sidecar: {_one_line(text)}", file=sys.stderr)
+    return 2
 
 
 async def _opened(settings: Settings) -> KeyStore:
@@ -155,13 +219,13 @@ async def _opened(settings: Settings) -> KeyStore:
 
 
 async def _with_manager(settings: Settings,
-                        action: Callable[[KeyManager], Awaitable[int]]) -> int:
+                        action: Callable[[KeyManager, KeyStore], Awaitable[int]]) -> int:
     store = await _opened(settings)
     try:
         # Audit rows go to the store; the CLI's stdout is for the command's own output.
         log = JsonLog(stream=sys.stderr, level="warning")
         audit = AuditLog(store, log, Metrics(CollectorRegistry()), settings.workspace)
-        return await action(KeyManager(settings, store, KeyHasher(settings.argon2), audit))
+        return await action(KeyManager(settings, store, KeyHasher(settings.argon2), audit), store)
     finally:
         await store.close()
 
@@ -171,7 +235,7 @@ def _print_key(data: dict[str, Any], as_json: bool) -> None:
         print(json.dumps(data, indent=2))
         return
     for field in ("id", "name", "workspace", "preview", "roles", "permissions", "status", "created_at", "created_by",
-                  "last_used_at", "disabled_at", "expires_at"):
+                  "last_used_at", "disabled_at", "expires_at", "disable_at"):
         value = data.get(field)
         print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
 
@@ -197,28 +261,46 @@ def _workspace_problem(workspace: str, settings: Settings) -> str | None:
     return None
 
 
+def _key_ref(args: argparse.Namespace, attribute: str) -> str | None:
+    """The key named on the command line (an id or a name), or the usage refusal."""
+    ref: object = getattr(args, attribute, None)
+    if ref is None:
+        return None
+    if not isinstance(ref, str) or not _KEY_ID_ARG.fullmatch(ref):
+        raise InvalidInput("invalid_id", "a key is named by its id (key_...) or its name (letters, digits, "
+                                         f". _ -), not {ref!r}", attribute)
+    return ref
+
+
+def _list_line(key: dict[str, Any]) -> str:
+    return (f"{key['id']:<21} {key['name']:<24} {key['preview']:<12} {key['status']:<9} "
+            f"{','.join(key['roles']):<24} {key['last_used_at'] or '-'}")
+
+
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
     as_json: bool = args.json
-    key_id: object = getattr(args, "id", None)
-    if isinstance(key_id, str) and not _KEY_ID_ARG.fullmatch(key_id):
-        return _refuse(InvalidInput("invalid_id", "id must be a key id (key_ followed by letters and digits), "
-                                                   f"not {key_id!r}", "id"), as_json)
 
     workspace: str | None = getattr(args, "workspace", None)
     if workspace is not None:
         problem = _workspace_problem(workspace, settings)
         if problem is not None:
             return _refuse(InvalidInput("invalid_workspace", problem, "workspace"), as_json)
+    try:
+        ref = _key_ref(args, "id")  # refused before the store is opened
+    except KeyDomainError as exc:
+        return _refuse(exc, as_json)
 
-    async def run(manager: KeyManager) -> int:
+    async def run(manager: KeyManager, store: KeyStore) -> int:
         verb = args.keys_command
-        if verb == "create" or verb == "rotate":
-            if verb == "create":
-                record, full = await manager.create(name=args.name, roles=args.roles, actor="cli",
-                                                    client=None, expires_at=args.expires_at, workspace=workspace)
-            else:
-                record, full, _ = await manager.rotate(args.id, name=args.name, actor="cli", client=None,
-                                                       disable_old_at=args.disable_old_at, workspace=workspace)
+        if verb == "create":
+            record, full = await manager.create(name=args.name, roles=args.roles, actor="cli",
+                                                client=None, expires_at=args.expires_at, workspace=workspace)
+        elif verb == "rotate":
+            assert ref is not None
+            old = await manager.find(ref, workspace)
+            record, full, _ = await manager.rotate(old.id, name=args.name, actor="cli", client=None,
+                                                   disable_old_at=args.disable_old_at, workspace=old.workspace)
+        if verb in ("create", "rotate"):
             data = {**key_json(record, settings), "key": full}
             if as_json:
                 print(json.dumps(data, indent=2))
@@ -227,24 +309,29 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
                 _print_key(data, False)
             return 0
         if verb == "list":
-            records = [key_json(r, settings) for r in await manager.list(workspace)]
+            # Without --workspace: the configured one, or with [workspaces] every one (None).
+            scope = workspace if workspace is not None or settings.multi_workspace else settings.workspace
+            query = key_query(scope, settings.roles, search=args.search, status=args.status,
+                              role=args.role, sort=args.sort, limit=MAX_LIMIT)
             if as_json:
-                print(json.dumps({"keys": records}, indent=2))
-            else:
-                # With [workspaces] one list may span workspaces: say whose each key is.
-                ws = settings.multi_workspace
-                print(("WORKSPACE            " if ws else "")
-                      + f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
-                for k in records:
-                    print((f"{k['workspace']:<20} " if ws else "")
-                          + f"{k['id']:<21} {k['name']:<24} {k['preview']:<12} {k['status']:<9} "
-                          f"{','.join(k['roles']):<24} {k['last_used_at'] or '-'}")
+                keys = [key_json(r, settings) async for page in manager.pages(query) for r in page]
+                print(json.dumps({"keys": keys}, indent=2))
+                return 0
+            # With [workspaces] one list may span workspaces: say whose each key is.
+            ws = settings.multi_workspace
+            print(("WORKSPACE            " if ws else "")
+                  + f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
+            # A page at a time: the first lines come at once however many keys there are.
+            async for page in manager.pages(query):
+                for record in page:
+                    key = key_json(record, settings)
+                    print((f"{key['workspace']:<20} " if ws else "") + _list_line(key))
             return 0
-        if verb == "show":
-            _print_key(key_json(await manager.get(args.id, workspace), settings), as_json)
-            return 0
-        status = DISABLED if verb == "disable" else ENABLED
-        record = await manager.set_status(args.id, status, actor="cli", client=None, workspace=workspace)
+        assert ref is not None
+        record = await manager.find(ref, workspace)
+        if verb != "show":
+            record = await manager.set_status(record.id, DISABLED if verb == "disable" else ENABLED,
+                                              actor="cli", client=None, workspace=record.workspace)
         _print_key(key_json(record, settings), as_json)
         return 0
 
@@ -253,8 +340,66 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
     except KeyDomainError as exc:
         return _refuse(exc, as_json)
     except SettingsError as exc:
-        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _config_refusal(exc)
+
+
+def _print_events(events: list[AuditRecord], next_before: int | None, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps({"events": [e.as_json() for e in events], "next_before": next_before}, indent=2))
+        return
+    print(f"{'ID':<7} {'TIME':<25} {'ACTION':<20} {'ACTOR':<16} {'KEY':<24} CLIENT")
+    for event in events:
+        data = event.as_json()
+        print(f"{data['id']:<7} {data['time']:<25} {data['action']:<20} {data['actor']:<16} "
+              f"{data['key_name'] or '-':<24} {data['client'] or '-'}")
+    if next_before is not None:
+        print(f"(older events: --before {next_before})")
+
+
+def _audit(args: argparse.Namespace, settings: Settings) -> int:
+    as_json: bool = args.json
+
+    try:  # refused before the store is opened
+        if args.action is not None and not _ACTION_ARG.fullmatch(args.action):
+            raise InvalidInput("invalid_parameter", f"action must look like key.disabled, not {args.action!r}",
+                               "action")
+        ref = _key_ref(args, "key")
+        workspace: str | None = args.workspace
+        if workspace is not None:
+            problem = _workspace_problem(workspace, settings)
+            if problem is not None:
+                raise InvalidInput("invalid_workspace", problem, "workspace")
+        elif settings.multi_workspace:
+            # The audit log is read one workspace at a time (as the admin API's is).
+            raise InvalidInput("missing_workspace", "--workspace is required with [workspaces]", "workspace")
+        else:
+            workspace = settings.workspace
+    except KeyDomainError as exc:
+        return _refuse(exc, as_json)
+
+    async def run(manager: KeyManager, store: KeyStore) -> int:
+        key_id = (await manager.find(ref, workspace)).id if ref is not None else None
+        events: list[AuditRecord] = []
+        before: int | None = args.before
+        # Newest first, in store pages, until --limit events or the log's start.
+        while len(events) < args.limit:
+            want = min(AUDIT_PAGE, args.limit - len(events))
+            page = await store.list_audit(workspace, want, before, action=args.action, key_id=key_id)
+            events.extend(page)
+            if len(page) < want:
+                break
+            before = page[-1].id
+        # Exactly --limit found: there may be older ones, from --before the last id.
+        next_before = events[-1].id if events and len(events) == args.limit else None
+        _print_events(events, next_before, as_json)
+        return 0
+
+    try:
+        return asyncio.run(_with_manager(settings, run))
+    except KeyDomainError as exc:
+        return _refuse(exc, as_json)
+    except SettingsError as exc:
+        return _config_refusal(exc)
 
 
 _STORE_URL_KEY = "store.url"
@@ -277,8 +422,7 @@ def _run_one_line(work: Coroutine[Any, Any, int]) -> int:
     try:
         return asyncio.run(work)
     except SettingsError as exc:
-        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _config_refusal(exc)
     except StoreError as exc:
         print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
         return 1
@@ -428,7 +572,28 @@ def _demo_command() -> Callable[..., int] | None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run one command; returns its exit status (see the module docstring)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler below, not at exit
+    except BrokenPipeError:
+        # The reader of stdout went away (``keys list | head``): stop quietly. Output still
+        # buffered would fail again when Python flushes at exit, so stdout goes to /dev/null
+        # (https://docs.python.org/3/library/signal.html#note-on-sigpipe).
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return BROKEN_PIPE
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command == "completion":
+        # zsh runs the bash script through its bash-completion emulation.
+        prefix = "autoload -U +X bashcompinit && bashcompinit\n" if args.shell == "zsh" else ""
+        print(prefix + bash_script(parser), end="")
+        return 0
     if args.command == "demo":
         run_demo = _demo_command()
         if run_demo is None:
@@ -438,8 +603,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 roles = _load(args.config).roles
             except SettingsError as exc:
-                print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
-                return 2
+                return _config_refusal(exc)
         return run_demo(port=args.port, once=args.once, roles=roles)
     if args.command == "store":
         return _run_one_line(_copy(args.from_config, args.to_config, args.json))
@@ -448,8 +612,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = _settings(args)
     except SettingsError as exc:
-        print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
-        return 2
+        return _config_refusal(exc)
     if args.command == "migrate":
         return _run_one_line(_migrate(settings, args.json))
     if args.command == "signing":
@@ -462,9 +625,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             _run_fast(serve(settings))
         except SettingsError as exc:  # e.g. an unreadable signing key found at start-up
-            print(f"toolio-sidecar: {_one_line(str(exc))}", file=sys.stderr)
-            return 2
+            return _config_refusal(exc)
         return 0
+    if args.command == "audit":
+        return _audit(args, settings)
     return _keys(args, settings)
 
 

@@ -23,8 +23,8 @@ class InvalidInput(KeyDomainError):
 
 
 class KeyNotFound(KeyDomainError):
-    def __init__(self, key_id: str) -> None:
-        super().__init__("not_found", f"no key with id {key_id!r}", "id")
+    def __init__(self, key_id: str, *, by_name: bool = False) -> None:
+        super().__init__("not_found", f"no key with id {'or name ' if by_name else ''}{key_id!r}", "id")
 
 
 class NameTaken(KeyDomainError):

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
 from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
 from sidecar.keys.errors import InvalidInput, KeyNotFound, NameTaken
 from sidecar.keys.format import ALPHABET, KeyHasher, generate_key, preview
+from sidecar.keys.listing import MAX_LIMIT, KeyPage, KeyQuery
 from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 from sidecar.settings import Settings
@@ -44,6 +46,8 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
         "last_used_at": to_rfc3339(record.last_used_at),
         "disabled_at": to_rfc3339(record.disabled_at),
         "expires_at": to_rfc3339(record.expires_at),
+        # When a disable scheduled by a rotation takes effect (docs/reference/keys.md, Rotation).
+        "disable_at": to_rfc3339(record.disable_at),
     }
 
 
@@ -164,11 +168,46 @@ class KeyManager:
             raise KeyNotFound(key_id)
         return record
 
-    async def list(self, workspace: str | None = None) -> list[KeyRecord]:
+    async def find(self, ref: str, workspace: str | None = None) -> KeyRecord:
+        """The key whose id, or else whose name, is ``ref`` (the CLI takes either), in
+        ``workspace`` (see :meth:`_scope`). Names are unique only within a workspace, so with
+        every workspace in scope a key is found by its id alone."""
         scope = self._scope(workspace)
+        record = await self._store.get_key(ref)
+        if record is not None and (scope is None or record.workspace == scope):
+            return record
         if scope is None:
-            return await self._store.all_keys()
-        return await self._store.list_keys(scope)
+            if ref.startswith("key_"):
+                raise KeyNotFound(ref)
+            raise InvalidInput("missing_workspace", f"no key with id {ref!r}; a key named by its name needs its "
+                                                    "workspace (names are unique only within one)", "workspace")
+        record = await self._store.get_key_by_name(scope, ref)
+        if record is None:
+            raise KeyNotFound(ref, by_name=True)
+        return record
+
+    async def page(self, query: KeyQuery) -> KeyPage:
+        """One page of ``query.workspace``'s keys (sidecar.keys.listing); of every workspace when
+        it is None, which only [workspaces] allows (the CLI without --workspace)."""
+        if not self._settings.multi_workspace and query.workspace != self._settings.workspace:
+            raise ValueError("a key query names another workspace")
+        return await self._store.page_keys(query)
+
+    async def pages(self, query: KeyQuery | None = None) -> AsyncIterator[list[KeyRecord]]:
+        """Every page of ``query`` (default: all keys in scope, see :meth:`_scope`, oldest first),
+        one store read each."""
+        query = query or KeyQuery(self._scope(None), limit=MAX_LIMIT)
+        while True:
+            page = await self.page(query)
+            yield page.keys
+            if page.next is None:
+                return
+            query = replace(query, after=page.next)
+
+    async def list(self, workspace: str | None = None) -> list[KeyRecord]:
+        """Every key of ``workspace`` (see :meth:`_scope`), oldest first, read a page at a time."""
+        query = KeyQuery(self._scope(workspace), limit=MAX_LIMIT)
+        return [record async for page in self.pages(query) for record in page]
 
     async def set_status(self, key_id: str, status: str, *, actor: str, client: str | None,
                          details: Mapping[str, Any] | None = None, workspace: str | None = None) -> KeyRecord:

@@ -8,132 +8,20 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from aiohttp import web
-from playwright.async_api import (
-    Browser,
-    BrowserContext,
-    ConsoleMessage,
-    Dialog,
-    Locator,
-    Page,
-    Request,
-    async_playwright,
-    expect,
-)
+from playwright.async_api import Browser, Locator, Route, expect
 
 from tests.support.admin import AdminSidecar, admin_sidecar
+from tests.support.browser import add_key, admin_page, browser, key_row, role_box, sign_in
 from tests.support.mcp import mcp_client, mcp_url
 
 # One event loop for the module, so the shared browser fixture can serve every test.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
-
-CHROMIUM = "/usr/bin/chromium"
-KEY_SHAPE = re.compile(r"tak_[0-9A-Za-z]{46}")
-
-if not Path(CHROMIUM).exists():  # pragma: no cover - scripts/test installs it; never a silent pass
-    pytest.fail("Chromium is not installed at /usr/bin/chromium: apt-get install -y chromium "
-                "(scripts/test does it as root)", pytrace=False)
-
-
-@dataclass
-class Watch:
-    """What a page did that it should not: console errors, uncaught exceptions, native dialogs
-    (window.alert), and requests to anywhere but the admin origin."""
-
-    origin: str
-    console_errors: list[str] = field(default_factory=list)
-    page_errors: list[str] = field(default_factory=list)
-    dialogs: list[str] = field(default_factory=list)
-    foreign_requests: list[str] = field(default_factory=list)
-    requests: list[str] = field(default_factory=list)
-
-    def attach(self, page: Page) -> None:
-        page.on("console", self._console)
-        page.on("pageerror", lambda exc: self.page_errors.append(str(exc)))
-        page.on("dialog", self._dialog)
-        page.on("request", self._request)
-
-    def _console(self, message: ConsoleMessage) -> None:
-        if message.type == "error":
-            self.console_errors.append(message.text)
-
-    async def _dialog(self, dialog: Dialog) -> None:
-        self.dialogs.append(dialog.message)
-        await dialog.dismiss()
-
-    def _request(self, request: Request) -> None:
-        self.requests.append(request.url)
-        if not request.url.startswith(self.origin + "/"):
-            self.foreign_requests.append(request.url)
-
-    def assert_clean(self) -> None:
-        assert self.console_errors == []
-        assert self.page_errors == []
-        assert self.dialogs == []
-        assert self.foreign_requests == []
-
-
-@pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def browser() -> AsyncIterator[Browser]:
-    """One Chromium for the module (launching costs seconds); each test gets its own context."""
-    async with async_playwright() as playwright:
-        launched = await playwright.chromium.launch(
-            executable_path=CHROMIUM, headless=True,
-            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking"])
-        try:
-            yield launched
-        finally:
-            await launched.close()
-
-
-@asynccontextmanager
-async def admin_page(browser: Browser, sc: AdminSidecar) -> AsyncIterator[tuple[BrowserContext, Page, Watch]]:
-    context = await browser.new_context(viewport={"width": 1280, "height": 860})
-    await context.grant_permissions(["clipboard-read", "clipboard-write"], origin=sc.admin_origin)
-    page = await context.new_page()
-    watch = Watch(sc.admin_origin)
-    watch.attach(page)
-    try:
-        yield context, page, watch
-    finally:
-        await context.close()
-
-
-async def sign_in(page: Page, sc: AdminSidecar) -> None:
-    await page.goto(sc.admin_origin + "/admin")
-    assert page.url == sc.admin_origin + "/admin/"
-    key_input = page.get_by_label("Admin API key")
-    await expect(key_input).to_be_visible()
-    assert await key_input.get_attribute("type") == "password"
-    await key_input.fill(sc.admin_key)
-    await page.get_by_role("button", name="Sign in").click()
-    await expect(page.get_by_role("heading", name="API Keys")).to_be_visible()
-    await expect(page.locator("#actor")).to_have_text("ops")
-
-
-def key_row(page: Page, name: str) -> Locator:
-    name_cell = page.locator(".key-name", has_text=re.compile(f"^{re.escape(name)}$"))
-    return page.locator("#keys-body tr", has=name_cell)
-
-
-async def add_key(page: Page, name: str, roles: list[str]) -> str:
-    await page.get_by_role("button", name="Add API Key").click()
-    dialog = page.locator("#add-dialog")
-    await expect(dialog).to_be_visible()
-    await dialog.get_by_label("Name").fill(name)
-    await dialog.get_by_label("Roles").select_option(roles)
-    await dialog.get_by_role("button", name="Save").click()
-    shown = page.locator("#key-dialog")
-    await expect(shown).to_be_visible()
-    value = await shown.locator("input").input_value()
-    assert KEY_SHAPE.fullmatch(value)
-    return value
+__all__ = ["browser"]  # the module-scoped fixture, used by name
 
 
 async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: Path, browser: Browser) -> None:
@@ -177,7 +65,7 @@ async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: P
         await row.click(button="right")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        await expect(menu.get_by_role("menuitem")).to_have_text(["Disable", "Activity"])
+        await expect(menu.get_by_role("menuitem")).to_have_text(["View details", "Activity", "Rotate…", "Disable"])
         await expect(menu.get_by_role("menuitem", name="Enable")).to_have_count(0)
         await menu.get_by_role("menuitem", name="Disable").click()
         await expect(menu).to_be_hidden()
@@ -207,7 +95,9 @@ async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: P
         await page.get_by_role("tab", name="Audit").click()
         audit = page.locator("#audit-body tr")
         await expect(audit.first).to_be_visible()
-        texts = await audit.all_inner_texts()
+        # The MCP call above is a tool.called event, written with its batch whenever that is
+        # flushed (so before or after the key events); the key events are in their order.
+        texts = [t for t in await audit.all_inner_texts() if "Tool called" not in t]
         assert "Key enabled" in texts[0]
         assert "ci-agent" in texts[0]
         assert "ops" in texts[0]
@@ -232,25 +122,25 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         row = key_row(page, "kbd-agent")
         status = row.locator("td").nth(3)
         await expect(status).to_have_text("Enabled")
+        name = row.get_by_role("button", name="kbd-agent", exact=True)
 
-        # Row focused, Shift+F10: the menu opens and focus moves into it.
-        await row.focus()
+        # A cell of the row focused, Shift+F10: the menu opens and focus moves into it.
+        await name.focus()
         await page.keyboard.press("Shift+F10")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        item = menu.get_by_role("menuitem", name="Disable")
-        await expect(item).to_be_focused()
-        # Escape closes it and returns focus to the row.
+        await expect(menu.get_by_role("menuitem", name="View details")).to_be_focused()
+        # Escape closes it and returns focus to the cell it came from.
         await page.keyboard.press("Escape")
         await expect(menu).to_be_hidden()
-        await expect(row).to_be_focused()
+        await expect(name).to_be_focused()
 
-        # Shift+F10, arrow to the item (down to Activity, then round to Disable), Enter.
+        # Shift+F10, arrow down to Activity, End to Disable, Enter.
         await page.keyboard.press("Shift+F10")
         await expect(menu).to_be_visible()
         await page.keyboard.press("ArrowDown")
         await expect(menu.get_by_role("menuitem", name="Activity")).to_be_focused()
-        await page.keyboard.press("ArrowDown")
+        await page.keyboard.press("End")
         await expect(menu.get_by_role("menuitem", name="Disable")).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(status).to_have_text("Disabled", timeout=2000)
@@ -258,24 +148,23 @@ async def test_context_menu_works_from_the_keyboard(tmp_path: Path, browser: Bro
         _, record, _ = await sc.call("GET", f"/keys/{agent['id']}")
         assert record["status"] == "disabled"
 
-        # The ContextMenu key works too.
-        await key_row(page, "kbd-agent").focus()
+        # The ContextMenu key works too, from any cell of the row.
+        await key_row(page, "kbd-agent").locator("td").nth(2).focus()
         await page.keyboard.press("ContextMenu")
-        await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
+        await expect(menu.get_by_role("menuitem", name="View details")).to_be_focused()
         await page.keyboard.press("Escape")
 
-        # The row's "Actions" button: Tab to it from the row, Enter, arrow, Enter.
+        # The row's ⋯ button: the arrow keys reach it (End of the row), Enter, End, Enter.
         row = key_row(page, "kbd-agent")
-        await row.focus()
-        await page.keyboard.press("Tab")
+        await page.keyboard.press("End")
         actions = row.get_by_role("button", name="Actions for kbd-agent")
         await expect(actions).to_be_focused()
         await expect(actions).to_have_attribute("aria-haspopup", "menu")
         await page.keyboard.press("Enter")
         await expect(actions).to_have_attribute("aria-expanded", "true")
-        await page.keyboard.press("End")
-        await expect(menu.get_by_role("menuitem", name="Activity")).to_be_focused()
         await page.keyboard.press("Home")
+        await expect(menu.get_by_role("menuitem", name="View details")).to_be_focused()
+        await page.keyboard.press("ArrowUp")  # wraps round to the last item
         await expect(menu.get_by_role("menuitem", name="Enable")).to_be_focused()
         await page.keyboard.press("Enter")
         await expect(key_row(page, "kbd-agent").locator("td").nth(3)).to_have_text("Enabled", timeout=2000)
@@ -297,7 +186,7 @@ async def test_api_errors_show_inline_never_as_alerts(tmp_path: Path, browser: B
         await page.get_by_role("button", name="Add API Key").click()
         dialog = page.locator("#add-dialog")
         await dialog.get_by_label("Name").fill("ops")  # taken
-        await dialog.get_by_label("Roles").select_option(["viewer"])
+        await role_box(dialog, "viewer").check()
         await dialog.get_by_role("button", name="Save").click()
         error = dialog.get_by_role("alert")
         await expect(error).to_contain_text("already exists")
@@ -413,10 +302,10 @@ async def test_a_keys_activity_shows_its_recent_calls_and_calls_per_tool(tmp_pat
         await expect(recent.locator("tbody tr").last.locator("td").nth(2)).to_have_text("Allowed")
         assert "secret_tool" not in await dialog.inner_text()
 
-        # Escape closes it and gives focus back to the key's row.
+        # Escape closes it and gives focus back to the key's row (the cell the menu came from).
         await page.keyboard.press("Escape")
         await expect(dialog).to_be_hidden()
-        await expect(key_row(page, "busy-agent")).to_be_focused()
+        await expect(key_row(page, "busy-agent").locator(":focus")).to_have_count(1)
 
         # A key without calls says so.
         await key_row(page, "other-agent").click(button="right")
@@ -441,11 +330,11 @@ async def test_activity_from_the_keyboard_leads_to_the_filtered_audit(tmp_path: 
         await record_calls(sc, other, [("get_plan", "allowed")])
         await sign_in(page, sc)
 
-        # Shift+F10 on the row, End to Activity, Enter: the dialog opens with focus inside it
+        # Shift+F10 on the row, down to Activity, Enter: the dialog opens with focus inside it
         # and its summary is announced.
-        await key_row(page, "kbd-agent").focus()
+        await key_row(page, "kbd-agent").get_by_role("button", name="kbd-agent", exact=True).focus()
         await page.keyboard.press("Shift+F10")
-        await page.keyboard.press("End")
+        await page.keyboard.press("ArrowDown")
         await expect(page.get_by_role("menuitem", name="Activity")).to_be_focused()
         await page.keyboard.press("Enter")
         dialog = page.get_by_role("dialog", name="Activity of kbd-agent")
@@ -507,9 +396,45 @@ async def test_roles_tab_shows_each_roles_tool_patterns(tmp_path: Path, browser:
         await expect(row("writer").locator("td").nth(2)).to_have_text("No tools")
         await expect(row("org-admin").locator("td").nth(2)).to_have_text("All tools")
         await expect(row("org-admin").locator("td").nth(1)).to_have_text("org:settings")
-        # The Add API Key form tells the same about each role it offers.
+        # The Add API Key form tells the same about each role it offers (the role's description).
         await page.get_by_role("tab", name="API Keys").click()
         await page.get_by_role("button", name="Add API Key").click()
-        viewer = page.locator("#key-roles option[value='viewer']")
-        await expect(viewer).to_have_attribute("title", "Permissions: plans:read. Tools: get_*, search_plans.")
+        viewer = role_box(page.locator("#add-dialog"), "viewer")
+        await expect(viewer).to_have_accessible_description(re.compile(r"plans:read · tools: get_\*, search_plans$"))
+        await expect(role_box(page.locator("#add-dialog"), "writer")).to_have_accessible_description(
+            re.compile(r"tools: none$"))
+        watch.assert_clean()
+
+
+async def test_key_details_recent_calls_come_from_the_activity_endpoint(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path) as sc, admin_page(browser, sc) as (_, page, watch):
+        agent = await sc.create_key("busy-agent", ["viewer"])
+        await record_calls(sc, agent, [("get_plan", "allowed")] * 2 + [("delete_plan", "denied")])
+        await sign_in(page, sc)
+
+        # View details: its Recent calls section lists the key's tool calls, newest first, with
+        # the 24-hour summary the Activity dialog shows.
+        await key_row(page, "busy-agent").get_by_role("button", name="busy-agent", exact=True).click()
+        section = page.locator("#detail-dialog #key-activity")
+        await expect(section).to_contain_text("3 tool calls in the last 24 hours, 1 denied.")
+        items = section.locator("li")
+        await expect(items).to_have_count(3)
+        await expect(items.first).to_contain_text("delete_plan")
+        await expect(items.first).to_contain_text("denied")
+        await expect(items.last).to_contain_text("get_plan")
+        await page.get_by_role("button", name="Close").click()
+
+        # A sidecar whose API document lists no activity endpoint is never asked for it.
+        async def without_activity(route: Route) -> None:
+            response = await route.fetch()
+            document = await response.json()
+            document["paths"].pop("/admin/api/keys/{id}/activity")
+            await route.fulfill(response=response, json=document)
+
+        await page.route("**/admin/api/openapi.json", without_activity)
+        await page.reload()
+        before = len(watch.requests)
+        await key_row(page, "busy-agent").get_by_role("button", name="busy-agent", exact=True).click()
+        await expect(section).to_contain_text("No activity recorded.")
+        assert not [url for url in watch.requests[before:] if url.endswith("/activity")]
         watch.assert_clean()

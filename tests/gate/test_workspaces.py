@@ -253,6 +253,17 @@ async def test_the_admin_api_sees_only_the_signed_in_keys_workspace(
         status, listed = await call("GET", "/keys", "acme")
         assert status == 200
         assert {k["workspace"] for k in listed["keys"]} == {"acme"}
+        # Paging (a key a page, by name, with a search matching both workspaces' keys) stays in it.
+        seen: list[tuple[str, str]] = []
+        cursor = ""
+        while True:
+            status, page = await call("GET", f"/keys?limit=1&sort=name&q=a&cursor={cursor}", "acme")
+            assert status == 200, page
+            seen.extend((k["workspace"], k["name"]) for k in page["keys"])
+            if page["next_cursor"] is None:
+                break
+            cursor = page["next_cursor"]
+        assert seen == [("acme", "agent")]
         theirs = agents["globex"].id
         for method, path in [("GET", f"/keys/{theirs}"), ("POST", f"/keys/{theirs}/disable"),
                              ("POST", f"/keys/{theirs}/enable"), ("GET", f"/keys/{theirs}/activity")]:
@@ -300,6 +311,25 @@ async def test_the_cli_takes_a_workspace_and_needs_one_to_create(config: ConfigF
     assert [k["id"] for k in one["keys"]] == [ids["acme"]]
     elsewhere = await run_cli("keys", "disable", ids["globex"], "--config", str(path), "--workspace", "acme")
     assert elsewhere.returncode == 1  # not found in acme
+    # Every workspace a page at a time, by name: the two keys named "ops" both, in id order.
+    by_name = json.loads((await run_cli("keys", "list", "--config", str(path), "--sort", "name", "--json")).stdout)
+    assert [k["id"] for k in by_name["keys"]] == sorted(ids.values())
+    table = await run_cli("keys", "list", "--config", str(path))
+    assert table.stdout.splitlines()[0].startswith("WORKSPACE")
+    assert sorted(line.split()[0] for line in table.stdout.splitlines()[1:]) == ["acme", "globex"]
+    # A key named by its name needs its workspace (names repeat across workspaces); an id does not.
+    named = await run_cli("keys", "show", "ops", "--config", str(path), "--workspace", "globex", "--json")
+    assert json.loads(named.stdout)["id"] == ids["globex"]
+    unscoped = await run_cli("keys", "show", "ops", "--config", str(path), "--json")
+    assert (unscoped.returncode, json.loads(unscoped.stderr)["field"]) == (2, "workspace")
+    by_id = await run_cli("keys", "show", ids["globex"], "--config", str(path), "--json")
+    assert json.loads(by_id.stdout)["workspace"] == "globex"
+    # The audit log is read one workspace at a time.
+    no_workspace = await run_cli("audit", "list", "--config", str(path), "--json")
+    assert (no_workspace.returncode, json.loads(no_workspace.stderr)["field"]) == (2, "workspace")
+    audit = await run_cli("audit", "list", "--config", str(path), "--workspace", "globex", "--key", "ops", "--json")
+    events = json.loads(audit.stdout)["events"]
+    assert [(e["action"], e["workspace"], e["key_id"]) for e in events] == [("key.created", "globex", ids["globex"])]
     single = config.write()
     other = await run_cli("keys", "list", "--config", str(single), "--workspace", "globex")
     assert other.returncode == 2

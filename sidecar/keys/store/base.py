@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from sidecar.keys.listing import KeyPage, KeyQuery
 from sidecar.keys.records import AuditRecord, KeyRecord, ToolUsage
 
 # How many tools :meth:`KeyStore.tool_activity` reports at most (denied calls may name anything).
@@ -101,7 +102,16 @@ class KeyStore(ABC):
     async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None: ...
 
     @abstractmethod
+    async def get_key_by_name(self, workspace: str, name: str) -> KeyRecord | None: ...
+
+    @abstractmethod
     async def list_keys(self, workspace: str) -> list[KeyRecord]: ...
+
+    @abstractmethod
+    async def page_keys(self, query: KeyQuery) -> KeyPage:
+        """One page of a workspace's keys, or of every workspace's when ``query.workspace`` is
+        None (sidecar.keys.listing): read in index order from just after ``query.after``, at most
+        ``query.limit`` keys."""
 
     @abstractmethod
     async def set_status(self, key_id: str, status: str, now: datetime,

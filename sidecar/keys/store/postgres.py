@@ -45,7 +45,8 @@ from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
-from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, ToolUsage
+from sidecar.keys.listing import KeyPage, KeyQuery, page_from_rows
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, ToolUsage, from_rfc3339
 from sidecar.keys.store.base import TOOL_ACTIVITY_LIMIT, DuplicateLookupId, DuplicateName, KeyStore, StoreError
 
 CHANGE_CHANNEL = "toolio_key_changes"
@@ -137,6 +138,13 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_workspace_key_id ON audit_events (workspace, key_id, id);
     CREATE INDEX audit_tool_calls ON audit_events (workspace, key_id, "time") WHERE action = 'tool.called';
     """,
+    """
+    -- Key listing pages are read in the order of these indexes (sidecar/keys/listing.py); by name
+    -- it is the keys_workspace_name_key index. A never-used key sorts as -infinity.
+    CREATE INDEX IF NOT EXISTS keys_workspace_created ON keys (workspace, created_at, id);
+    CREATE INDEX IF NOT EXISTS keys_workspace_last_used
+        ON keys (workspace, COALESCE(last_used_at, '-infinity'::timestamptz), id);
+    """,
 )
 
 _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations ("
@@ -180,6 +188,50 @@ def _key_from_row(row: asyncpg.Record) -> KeyRecord:
         key_hash=key_hash, created_at=created_at, created_by=created_by, last_used_at=last_used_at,
         disabled_at=disabled_at, expires_at=expires_at, disable_at=disable_at, revision=int(revision),
     )
+
+
+# The sort columns of each listing order, exactly as the listing indexes (MIGRATIONS) spell them.
+_NEVER = "'-infinity'::timestamptz"
+_SORT_COLUMNS = {"name": ("name",), "created": ("created_at", "id"),
+                 "last_used": (f"COALESCE(last_used_at, {_NEVER})", "id")}
+
+
+def page_sql(query: KeyQuery) -> tuple[str, list[Any]]:
+    """The statement and parameters that read one listing page (exposed for the query-plan test)."""
+    columns = _SORT_COLUMNS[query.sort]
+    where: list[str] = []
+    args: list[Any] = []
+
+    def arg(value: Any) -> str:
+        args.append(value)
+        return f"${len(args)}"
+
+    if query.workspace is not None:
+        where.append(f"workspace = {arg(query.workspace)}")
+    elif query.sort == "name":
+        columns = (*columns, "id")  # names repeat across workspaces: the id breaks ties
+
+    if query.status is not None:
+        where.append(f"status = {arg(query.status)}")
+    if query.role is not None:
+        where.append(f"{arg(query.role)} = ANY(roles)")
+    if query.search is not None:
+        # Names are ASCII (sidecar.keys.manager.NAME_RULE), so lower() folds all their case.
+        where.append(f"strpos(lower(name), {arg(query.search.lower())}) > 0")
+    if query.after is not None:
+        seek = "<" if query.descending else ">"
+        if query.sort == "name":
+            first = arg(query.after.value)
+        else:
+            when = from_rfc3339(query.after.value)
+            first = f"COALESCE({arg(when)}::timestamptz, {_NEVER})" if query.sort == "last_used" else arg(when)
+        if len(columns) == 1:
+            where.append(f"{columns[0]} {seek} {first}")
+        else:
+            where.append(f"({', '.join(columns)}) {seek} ({first}, {arg(query.after.key_id)})")
+    order = ", ".join(f"{c} DESC" if query.descending else c for c in columns)
+    condition = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"{_SELECT_KEYS}{condition} ORDER BY {order} LIMIT {arg(query.limit + 1)}", args
 
 
 def _audit_params(event: AuditRecord) -> tuple[Any, ...]:
@@ -437,6 +489,15 @@ class PostgresKeyStore(KeyStore):
 
     async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None:
         return await self._fetch_key(f"{_SELECT_KEYS} WHERE lookup_id = $1", lookup_id)
+
+    async def get_key_by_name(self, workspace: str, name: str) -> KeyRecord | None:
+        return await self._fetch_key(f"{_SELECT_KEYS} WHERE workspace = $1 AND name = $2", workspace, name)
+
+    async def page_keys(self, query: KeyQuery) -> KeyPage:
+        if query.matches_nothing:
+            return KeyPage([], None)
+        sql, args = page_sql(query)
+        return page_from_rows(await self._fetch_keys(sql, *args), query)
 
     async def list_keys(self, workspace: str) -> list[KeyRecord]:
         return await self._fetch_keys(f"{_SELECT_KEYS} WHERE workspace = $1 ORDER BY created_at, id", workspace)

@@ -23,6 +23,7 @@ from typing import Any
 
 import aiosqlite
 
+from sidecar.keys.listing import KeyPage, KeyQuery, page_from_rows
 from sidecar.keys.records import (
     DISABLED,
     ENABLED,
@@ -111,6 +112,12 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX audit_workspace_key_id ON audit_events (workspace, key_id, id);
     CREATE INDEX audit_tool_calls ON audit_events (workspace, key_id, time) WHERE action = 'tool.called';
     """,
+    """
+    -- Key listing pages are read in the order of these indexes (sidecar/keys/listing.py); by name
+    -- it is the UNIQUE (workspace, name) index. A never-used key sorts as '' (before any time).
+    CREATE INDEX IF NOT EXISTS keys_workspace_created ON keys (workspace, created_at, id);
+    CREATE INDEX IF NOT EXISTS keys_workspace_last_used ON keys (workspace, COALESCE(last_used_at, ''), id);
+    """,
 )
 
 _KEY_COLUMNS = ("id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by, "
@@ -134,6 +141,50 @@ def _key_params(record: KeyRecord, revision: int) -> tuple[Any, ...]:
             record.workspace, record.status, record.key_hash, to_rfc3339(record.created_at),
             record.created_by, to_rfc3339(record.last_used_at), to_rfc3339(record.disabled_at),
             to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision)
+
+
+# The sort columns of each listing order, exactly as the listing indexes (MIGRATIONS) spell them (SQLite
+# uses an expression index only for the same expression).
+_SORT_COLUMNS = {"name": ("name",), "created": ("created_at", "id"),
+                 "last_used": ("COALESCE(last_used_at, '')", "id")}
+
+
+def page_sql(query: KeyQuery) -> tuple[str, list[Any]]:
+    """The statement and parameters that read one listing page (exposed for the query-plan test)."""
+    columns = _SORT_COLUMNS[query.sort]
+    where: list[str] = []
+    params: list[Any] = []
+    if query.workspace is not None:
+        where.append("workspace = ?")
+        params.append(query.workspace)
+    elif query.sort == "name":
+        columns = (*columns, "id")  # names repeat across workspaces: the id breaks ties
+    if query.status is not None:
+        where.append("status = ?")
+        params.append(query.status)
+    if query.role is not None:
+        where.append("EXISTS (SELECT 1 FROM json_each(keys.roles) WHERE json_each.value = ?)")
+        params.append(query.role)
+    if query.search is not None:
+        # Names are ASCII (sidecar.keys.manager.NAME_RULE), so lower() folds all their case.
+        where.append("instr(lower(name), ?) > 0")
+        params.append(query.search.lower())
+    if query.after is not None:
+        seek = "<" if query.descending else ">"
+        value = query.after.value or ""
+        if len(columns) == 1:
+            where.append(f"{columns[0]} {seek} ?")
+            params.append(value)
+        else:
+            # Spelled out rather than as a row value: SQLite seeks an expression index only on
+            # a plain comparison of its column (the first term), then filters the ties.
+            first, tie = columns
+            where.append(f"{first} {seek}= ? AND ({first} {seek} ? OR {tie} {seek} ?)")
+            params.extend((value, value, query.after.key_id))
+    order = ", ".join(f"{c} DESC" if query.descending else c for c in columns)
+    params.append(query.limit + 1)
+    condition = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT {_KEY_COLUMNS} FROM keys{condition} ORDER BY {order} LIMIT ?", params
 
 
 def _audit_from_row(r: sqlite3.Row | tuple[Any, ...]) -> AuditRecord:
@@ -278,6 +329,17 @@ class SQLiteKeyStore(KeyStore):
 
     async def get_by_lookup_id(self, lookup_id: str) -> KeyRecord | None:
         return await self._fetch_one(f"SELECT {_KEY_COLUMNS} FROM keys WHERE lookup_id = ?", (lookup_id,))
+
+    async def get_key_by_name(self, workspace: str, name: str) -> KeyRecord | None:
+        return await self._fetch_one(f"SELECT {_KEY_COLUMNS} FROM keys WHERE workspace = ? AND name = ?",
+                                     (workspace, name))
+
+    async def page_keys(self, query: KeyQuery) -> KeyPage:
+        if query.matches_nothing:
+            return KeyPage([], None)
+        sql, params = page_sql(query)
+        async with self.db.execute(sql, params) as cur:
+            return page_from_rows([_key_from_row(row) for row in await cur.fetchall()], query)
 
     async def list_keys(self, workspace: str) -> list[KeyRecord]:
         async with self.db.execute(
