@@ -302,11 +302,13 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                          "properties": {"key": {"type": "string", "description": "An admin key (tak_...)"}}},
         "Session": {
             "type": "object",
-            "required": ["actor", "key_id", "csrf_token", "created_at", "expires_at", "absolute_expires_at",
-                         "idle_timeout_seconds"],
+            "required": ["actor", "key_id", "workspace", "csrf_token", "created_at", "expires_at",
+                         "absolute_expires_at", "idle_timeout_seconds"],
             "properties": {
                 "actor": {"type": "string", "description": "The admin key's name"},
                 "key_id": {"type": "string"},
+                "workspace": {"type": "string", "description": "The admin key's workspace: the only one "
+                                                               "this session sees and changes"},
                 "csrf_token": {"type": "string", "description": "Send as X-CSRF-Token on unsafe requests"},
                 "created_at": _TIME,
                 "expires_at": {**_TIME, "description": "When the session ends unless used again"},
@@ -334,7 +336,8 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
         "info": {
             "title": "Toolio sidecar admin API",
             "version": "1",
-            "description": "Manage the API keys of this sidecar's workspace. Errors are JSON "
+            "description": "Manage the API keys of the signed-in admin key's workspace (with many "
+                           "workspaces, another workspace's key id is 404). Errors are JSON "
                            "`{\"error\", \"message\", \"field\"?}`; every response is `Cache-Control: no-store`.",
         },
         "servers": [{"url": "/"}],

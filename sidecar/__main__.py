@@ -134,11 +134,12 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("id", metavar="KEY", help="the key's id (key_...) or name")
     rotate.add_argument("--name", required=True)
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
-    for verb in ("create", "list", "show", "disable", "enable", "rotate"):
+    _add_bootstrap_commands(keys, with_config)
+    for verb in ("create", "list", "show", "disable", "enable", "rotate", "import"):
         keys.choices[verb].add_argument(
             "--workspace", metavar="NAME",
-            help="the key's workspace (with [workspaces]: required by create; list without it shows every one)")
-    _add_bootstrap_commands(keys, with_config)
+            help="the key's workspace (with [workspaces]: required by create and import; "
+                 "list without it shows every one)")
     for sub in keys.choices.values():
         sub.add_argument("--json", action="store_true", help="machine-readable output")
 
@@ -516,6 +517,11 @@ def _import_value() -> str:
 
 def _import(args: argparse.Namespace, settings: Settings) -> int:
     as_json: bool = args.json
+    workspace: str | None = args.workspace
+    if workspace is not None:
+        problem = _workspace_problem(workspace, settings)
+        if problem is not None:
+            return _refuse(InvalidInput("invalid_workspace", problem, "workspace"), as_json)
     value = _import_value()
     if not value:
         return _refuse(InvalidInput("invalid_key", f"no key value: set ${IMPORT_KEY_ENV} or pass it on standard "
@@ -528,7 +534,7 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             audit = AuditLog(store, JsonLog(stream=sys.stderr, level="warning"), Metrics(CollectorRegistry()),
                              settings.workspace)
             result = await import_key(settings, store, KeyHasher(settings.argon2), audit, value=value,
-                                      name=args.name, roles=args.roles, actor="cli")
+                                      name=args.name, roles=args.roles, actor="cli", workspace=workspace)
         finally:
             await store.close()
         data = key_json(result.record, settings)

@@ -38,8 +38,15 @@ def _bad_value(message: str) -> InvalidInput:
 
 
 async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, audit: AuditLog, *,
-                     value: str, name: object, roles: object, actor: str) -> ImportResult:
-    """Store ``value`` (a full ``tak_`` key) as the key ``name`` with ``roles``, or find it there."""
+                     value: str, name: object, roles: object, actor: str,
+                     workspace: str | None = None) -> ImportResult:
+    """Store ``value`` (a full ``tak_`` key) as the key ``name`` with ``roles`` in ``workspace``
+    (default: the configured one; required with [workspaces]), or find it there."""
+    home = workspace if workspace is not None else (None if settings.multi_workspace else settings.workspace)
+    if home is None:
+        # As `keys create`: with [workspaces] no workspace is the default one (docs/reference/cli.md).
+        raise InvalidInput("missing_workspace", "workspace is required: keys belong to one workspace",
+                           "workspace")
     valid_name = validate_name(name)
     valid_roles = validate_roles(roles, settings)
     try:
@@ -48,16 +55,16 @@ async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, aud
         raise _bad_value(f"the value to import is not a valid key ({exc}); make one with "
                          "`toolio-sidecar keys generate`") from None
     for _ in range(2):  # a second pass only after losing an insert race (another pod importing too)
-        existing = await _already_there(settings, store, hasher, parsed.lookup_id, parsed.full, valid_name)
+        existing = await _already_there(store, hasher, home, parsed.lookup_id, parsed.full, valid_name)
         if existing is not None:
             return ImportResult(existing, imported=False, roles_differ=existing.roles != valid_roles)
         key_hash = await asyncio.to_thread(hasher.hash, parsed.full)
         record = KeyRecord(
             id=new_key_id(), lookup_id=parsed.lookup_id, name=valid_name, roles=valid_roles,
-            workspace=settings.workspace, status=ENABLED, created_at=utcnow(), created_by=actor,
+            workspace=home, status=ENABLED, created_at=utcnow(), created_by=actor,
             key_hash=key_hash)
         event = audit.event(KEY_IMPORTED, actor, key_id=record.id, key_name=record.name, client=None,
-                            details={"roles": list(valid_roles)})
+                            workspace=home, details={"roles": list(valid_roles)})
         try:
             stored = await store.insert_key(record, [event])
         except (DuplicateName, DuplicateLookupId):
@@ -67,20 +74,20 @@ async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, aud
     raise _bad_value("the key changed in the store while it was being imported; run the import again")
 
 
-async def _already_there(settings: Settings, store: KeyStore, hasher: KeyHasher, lookup_id: str, value: str,
+async def _already_there(store: KeyStore, hasher: KeyHasher, workspace: str, lookup_id: str, value: str,
                          name: str) -> KeyRecord | None:
     """The stored record when exactly this key is already imported under ``name``; None when
     neither the name nor the lookup id is in use; :class:`InvalidInput` for any other overlap."""
     by_lookup = await store.get_by_lookup_id(lookup_id)
     if by_lookup is not None:
-        same = (by_lookup.workspace == settings.workspace and by_lookup.name == name
+        same = (by_lookup.workspace == workspace and by_lookup.name == name
                 and await asyncio.to_thread(hasher.verify, by_lookup.key_hash, value))
         if not same:
             # Says no more than that: not which key holds the lookup id, nor whether the secret matched.
             raise _bad_value("another key already uses this value's lookup id; generate a new value with "
                              "`toolio-sidecar keys generate`")
         return by_lookup
-    taken = [r for r in await store.list_keys(settings.workspace) if r.name == name]
+    taken = [r for r in await store.list_keys(workspace) if r.name == name]
     if taken:
         raise InvalidInput("name_taken", f"a key named {name!r} already exists with a different value; "
                                          "choose another --name, or rotate that key instead", "name")

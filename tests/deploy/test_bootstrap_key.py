@@ -51,9 +51,11 @@ class Cli:
         assert code == 0
         return out.strip()
 
-    def import_(self, value: str, name: str = "bootstrap-admin", *roles: str) -> tuple[int, str, str]:
+    def import_(self, value: str, name: str = "bootstrap-admin", *roles: str,
+                workspace: str | None = None) -> tuple[int, str, str]:
         role_args = [a for role in (roles or ("org-admin",)) for a in ("--role", role)]
-        return self("keys", "import", "--name", name, *role_args, "--json", stdin=value + "\n")
+        workspace_args = ["--workspace", workspace] if workspace is not None else []
+        return self("keys", "import", "--name", name, *role_args, *workspace_args, "--json", stdin=value + "\n")
 
     def listed(self) -> list[dict[str, Any]]:
         code, out, err = self("keys", "list", "--json")
@@ -211,3 +213,41 @@ async def test_generate_import_serve_then_import_again_end_to_end(
         assert actions.count("key.imported") == 1
         async with http.post(deployment.proxy_url + "/mcp", data=b"{}", headers=bearer(value)) as resp:
             assert resp.status == 200
+
+
+def test_import_takes_a_workspace_and_needs_one_with_many_workspaces(
+        config: ConfigFactory, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    document = config.mapping({"workspaces": {"from_host": "{workspace}.toolio.com"}})
+    del document["workspace"]
+    cli = Cli(config.write(raw=document), capsys, monkeypatch)
+    value = cli.generate()
+    code, out, err = cli.import_(value)
+    assert (code, out) == (2, "")
+    assert json.loads(err)["field"] == "workspace"
+    assert value not in err
+    code, _, err = cli.import_(value, "bootstrap-admin", workspace="Acme.Corp")
+    assert code == 2
+    assert json.loads(err)["field"] == "workspace"
+    assert cli.listed() == []
+
+    code, out, err = cli.import_(value, "bootstrap-admin", workspace="acme")
+    assert code == 0, err
+    imported = json.loads(out)
+    assert (imported["imported"], imported["workspace"]) == (True, "acme")
+    again = json.loads(cli.import_(value, "bootstrap-admin", workspace="acme")[1])
+    assert (again["imported"], again["id"]) == (False, imported["id"])
+    # The same value cannot become a key of another workspace too.
+    code, _, err = cli.import_(value, "bootstrap-admin", workspace="globex")
+    assert code == 2
+    assert "lookup id" in json.loads(err)["message"]
+    assert [(k["id"], k["workspace"]) for k in cli.listed()] == [(imported["id"], "acme")]
+    code, out, _ = cli("keys", "list", "--workspace", "globex", "--json")
+    assert (code, json.loads(out)["keys"]) == (0, [])
+
+
+def test_import_into_another_workspace_than_the_configured_one_is_refused(cli: Cli) -> None:
+    code, _, err = cli.import_(cli.generate(), "bootstrap-admin", workspace="globex")
+    assert code == 2
+    assert json.loads(err) == {"error": "invalid_workspace", "field": "workspace",
+                               "message": "--workspace 'globex': this config serves only workspace 'acme'"}
+    assert cli.listed() == []

@@ -253,6 +253,12 @@ pre-install hooks run (the settings loader checks that every listed key file exi
 {{- $root := .root }}
 {{- $cfg := deepCopy ($root.Values.config | default dict) }}
 {{- $_ := set $cfg "data_dir" (include "toolio-sidecar.dataDir" $root) }}
+{{- /* With [workspaces] each request's workspace comes from its host, and the sidecar refuses a
+top-level workspace beside the table (docs/reference/config.md, [workspaces]): the default
+`workspace: acme` of values.yaml is left out then. A null workspace is left out as any null is. */}}
+{{- if include "toolio-sidecar.multiWorkspace" $root }}
+{{- $_ = unset $cfg "workspace" }}
+{{- end }}
 {{- $proxy := get $cfg "proxy" | default dict }}
 {{- $_ = set $proxy "listen" (printf "0.0.0.0:%d" (int $root.Values.containerPorts.proxy)) }}
 {{- $_ = set $proxy "upstream" (include "toolio-sidecar.upstreamURL" $root) }}
@@ -430,6 +436,14 @@ nginx.ingress.kubernetes.io/session-cookie-max-age: {{ $a.timeoutSeconds | toStr
 {{/*
 Roles of the bootstrap admin key: bootstrap.roles, else the role granting the admin permission.
 */}}
+{{/*
+"true" with many workspaces behind this release: config.workspaces.from_host is set.
+*/}}
+{{- define "toolio-sidecar.multiWorkspace" -}}
+{{- $workspaces := .Values.config.workspaces }}
+{{- if and (kindIs "map" $workspaces) (get $workspaces "from_host") }}true{{ end }}
+{{- end }}
+
 {{- define "toolio-sidecar.bootstrapRoles" -}}
 {{- if .Values.bootstrap.roles }}{{ toJson .Values.bootstrap.roles }}{{ else }}{{ list (include "toolio-sidecar.adminRole" .) | toJson }}{{ end }}
 {{- end }}
@@ -543,6 +557,18 @@ Checks that stop a render with a message saying what to change.
 {{- if not (hasKey $v.config.roles $role) }}
 {{- fail (printf "toolio-sidecar: bootstrap.roles names %q, which is not in config.roles." $role) }}
 {{- end }}
+{{- end }}
+{{- end }}
+{{- if include "toolio-sidecar.multiWorkspace" . }}
+{{- if and $v.bootstrap.adminKeySecret (not $v.bootstrap.workspace) }}
+{{- fail "toolio-sidecar: config.workspaces.from_host is set, so a key belongs to the workspace named with it: set bootstrap.workspace to the workspace of the bootstrap admin key (it may use the admin API of that workspace only)." }}
+{{- end }}
+{{- if eq (toString (dig "oauth" "mode" "off" $v.config)) "validate" }}
+{{- fail "toolio-sidecar: config.oauth.mode \"validate\" cannot be combined with config.workspaces (docs/reference/config.md, [workspaces]); use \"off\" or \"pass-through\"." }}
+{{- end }}
+{{- else if $v.bootstrap.workspace }}
+{{- if ne (toString $v.bootstrap.workspace) (toString $v.config.workspace) }}
+{{- fail (printf "toolio-sidecar: bootstrap.workspace is %q, but this release serves only config.workspace %q; leave bootstrap.workspace empty." (toString $v.bootstrap.workspace) (toString $v.config.workspace)) }}
 {{- end }}
 {{- end }}
 {{- if and (include "toolio-sidecar.pdbEnabled" .) (kindIs "invalid" $v.podDisruptionBudget.minAvailable) (kindIs "invalid" $v.podDisruptionBudget.maxUnavailable) }}
