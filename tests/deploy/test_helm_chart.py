@@ -258,7 +258,7 @@ def test_probes_check_healthz_on_proxy_port_and_readyz_on_admin_port(chart: helm
 
 def test_rendered_config_toml_parses_and_contains_roles_from_values(chart: helm.Chart) -> None:
     roles = {
-        "viewer": {"description": "Read plans", "permissions": ["plans:read"]},
+        "viewer": {"description": "Read plans", "permissions": ["plans:read"], "tools": ["get_*", "search_plans"]},
         "planner": {"description": "Edit plans", "permissions": ["plans:read", "plans:write"]},
         "org-admin": {"description": "Org settings", "permissions": ["org:settings"]},
         "ops.team": {"description": "Dotted names are quoted", "permissions": ["org:settings"]},
