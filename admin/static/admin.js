@@ -164,6 +164,9 @@
     state.actor = session.actor;
     state.keyId = session.key_id;
     $("actor").textContent = session.actor;
+    // The workspace whose keys and audit this page shows (the signed-in key's own).
+    $("workspace").textContent = session.workspace || "";
+    $("workspace").hidden = $("workspace-sep").hidden = !session.workspace;
     $("loading").hidden = true;
     $("login-view").hidden = true;
     $("account").hidden = false;

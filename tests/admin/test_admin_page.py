@@ -27,6 +27,8 @@ __all__ = ["browser"]  # the module-scoped fixture, used by name
 async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: Path, browser: Browser) -> None:
     async with admin_sidecar(tmp_path, upstream=True) as sc, admin_page(browser, sc) as (_, page, watch):
         await sign_in(page, sc)
+        # The page says which workspace it manages: the signed-in key's.
+        await expect(page.locator("#workspace")).to_have_text(sc.settings.workspace)
         # The admin key went to the server once and is nowhere in the page or web storage.
         storage = await page.evaluate("() => [localStorage.length, sessionStorage.length, document.cookie]")
         assert storage == [0, 0, ""]  # the session cookie is HttpOnly
@@ -438,3 +440,18 @@ async def test_key_details_recent_calls_come_from_the_activity_endpoint(tmp_path
         await expect(section).to_contain_text("No activity recorded.")
         assert not [url for url in watch.requests[before:] if url.endswith("/activity")]
         watch.assert_clean()
+
+
+async def test_the_page_manages_only_the_signed_in_keys_workspace(tmp_path: Path, browser: Browser) -> None:
+    async with admin_sidecar(tmp_path, workspaces={"from_host": "{workspace}.toolio.test"}) as sc:
+        for workspace in ("acme", "globex"):
+            await sc.services.keys.create(name=f"{workspace}-agent", roles=["viewer"], actor="cli", client=None,
+                                          workspace=workspace)
+        async with admin_page(browser, sc) as (_, page, _):
+            await sign_in(page, sc)
+            await expect(page.locator("#workspace")).to_have_text("acme")
+            await expect(key_row(page, "acme-agent")).to_be_visible()
+            await expect(key_row(page, "globex-agent")).to_have_count(0)
+            await page.get_by_role("searchbox").fill("agent")
+            await expect(key_row(page, "acme-agent")).to_be_visible()
+            await expect(key_row(page, "globex-agent")).to_have_count(0)

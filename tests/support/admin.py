@@ -24,7 +24,7 @@ from openapi_schema_validator import OAS31Validator
 from admin.openapi import openapi_document
 from admin.session import COOKIE_NAME, SECURE_COOKIE_NAME
 from sidecar.runtime.services import Services
-from sidecar.settings import Settings
+from sidecar.settings import Settings, settings_from_mapping
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, running_sidecar
 from tests.support.upstreams import example_upstream
@@ -143,17 +143,26 @@ def session_cookie(resp: aiohttp.ClientResponse) -> Any:
 @asynccontextmanager
 async def admin_sidecar(tmp_path: Path, *, admin: Mapping[str, Any] | None = None,
                         auth: Mapping[str, Any] | None = None, upstream: bool = False,
-                        roles: Mapping[str, Any] | None = None) -> AsyncIterator[AdminSidecar]:
+                        roles: Mapping[str, Any] | None = None,
+                        workspaces: Mapping[str, Any] | None = None) -> AsyncIterator[AdminSidecar]:
     """A :func:`running_sidecar` with an ``ops`` admin key. With ``upstream`` the example MCP
     server runs behind the proxy; without, nothing listens there (admin-only tests). ``roles``
-    is merged into the base roles (e.g. ``{"viewer": {"tools": ["get_*"]}}``)."""
+    is merged into the base roles (e.g. ``{"viewer": {"tools": ["get_*"]}}``). With
+    ``workspaces`` (a ``[workspaces]`` table) the sidecar serves many workspaces and the ``ops``
+    key belongs to ``acme``."""
     async with AsyncExitStack() as stack:
         upstream_url = await stack.enter_async_context(example_upstream()) if upstream else "http://127.0.0.1:9"
-        settings = ConfigFactory(tmp_path).settings({"log_level": "info", "proxy": {"upstream": upstream_url},
-                                                     "admin": dict(admin or {}), "auth": dict(auth or {}),
-                                                     "roles": dict(roles or {})})
+        document = ConfigFactory(tmp_path).mapping({"log_level": "info", "proxy": {"upstream": upstream_url},
+                                                    "admin": dict(admin or {}), "auth": dict(auth or {}),
+                                                    "roles": dict(roles or {})})
+        if workspaces is not None:
+            del document["workspace"]  # one or the other (docs/reference/config.md, [workspaces])
+            document["workspaces"] = dict(workspaces)
+        settings = settings_from_mapping(document, {}, base_dir=tmp_path)
         sidecar = await stack.enter_async_context(running_sidecar(settings))
-        record, full = await sidecar.services.keys.create(name="ops", roles=["org-admin"], actor="cli", client=None)
+        record, full = await sidecar.services.keys.create(
+            name="ops", roles=["org-admin"], actor="cli", client=None,
+            workspace="acme" if workspaces is not None else None)
         http = await stack.enter_async_context(aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()))
         yield AdminSidecar(sidecar, admin_key=full, admin_key_id=record.id, http=http)
 
