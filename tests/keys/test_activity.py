@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -19,38 +18,18 @@ from sidecar.keys import activity
 from sidecar.keys.activity import ActivityLog
 from sidecar.keys.records import AuditRecord, utcnow
 from sidecar.keys.store.base import KeyStore
-from sidecar.keys.store.postgres import PostgresKeyStore
 from sidecar.keys.store.sqlite import SQLiteKeyStore
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.settings import AuditSettings
+from tests.keys.conftest import new_store
 from tests.support.config import ConfigFactory
 from tests.support.harness import SidecarStarter, running_sidecar
 from tests.support.metrics import sample
 from tests.support.polling import eventually
-from tests.support.postgres import fresh_schema
 
 DROPPED = "toolio_sidecar_audit_events_dropped_total"
 FAILURES = "toolio_sidecar_audit_write_failures_total"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_schema(pg_database) as url:
-        yield url
-
-
-@pytest.fixture
-async def store(backend_url: str, tmp_path: Path) -> AsyncIterator[KeyStore]:
-    s: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(tmp_path / "sidecar.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 class Recorder:
@@ -128,9 +107,9 @@ async def test_past_the_bound_calls_are_dropped_and_counted(store: KeyStore) -> 
 
 
 async def test_a_refused_batch_is_kept_for_the_next_flush_and_counted_once(store: KeyStore, backend_url: str,
-                                                                           tmp_path: Path) -> None:
+                                                                           db_path: Path) -> None:
     # A store that cannot write (not open yet) refuses the batch; the same events go in later.
-    pending: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(tmp_path / "sidecar.db")
+    pending = new_store(backend_url, db_path)
     recorder = Recorder(pending)
     recorder.call("first")
     recorder.call("second")

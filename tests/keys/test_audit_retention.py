@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -21,33 +20,8 @@ from sidecar.keys.store import postgres, sqlite
 from sidecar.keys.store.base import KeyStore
 from sidecar.keys.store.postgres import PostgresKeyStore
 from sidecar.keys.store.sqlite import SQLiteKeyStore, _split_sql
-from tests.support.postgres import fresh_schema
+from tests.keys.conftest import new_store
 from tests.support.records import audit_record, key_record
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
-    """"" for SQLite, else the URL of a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_schema(pg_database) as url:
-        yield url
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "sidecar.db"
-
-
-@pytest.fixture
-async def store(backend_url: str, db_path: Path) -> AsyncIterator[KeyStore]:
-    s: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(db_path)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 class RawDatabase:
@@ -150,7 +124,7 @@ async def test_prune_removes_the_oldest_first(store: KeyStore) -> None:
 async def test_replicas_pruning_at_once_delete_each_event_once(store: KeyStore, backend_url: str,
                                                              db_path: Path) -> None:
     await store.append_audit([event("expired", age_days=100 + n) for n in range(30)] + [event("kept")])
-    others = [PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(db_path) for _ in range(2)]
+    others = [new_store(backend_url, db_path) for _ in range(2)]
     for other in others:
         await other.open()
     try:

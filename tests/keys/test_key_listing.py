@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -22,31 +21,9 @@ from sidecar.keys.records import DISABLED, KeyRecord
 from sidecar.keys.store import postgres, sqlite
 from sidecar.keys.store.base import KeyStore
 from sidecar.keys.store.postgres import PostgresKeyStore
-from sidecar.keys.store.sqlite import SQLiteKeyStore
-from tests.support.postgres import fresh_schema
 from tests.support.records import T0, audit_record, key_record
 
 ROLES = ("viewer", "writer", "org-admin")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
-    """"" for SQLite, else the URL of a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_schema(pg_database) as url:
-        yield url
-
-
-@pytest.fixture
-async def store(backend_url: str, tmp_path: Path) -> AsyncIterator[KeyStore]:
-    s: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(tmp_path / "sidecar.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def varied(n: int) -> KeyRecord:
@@ -203,9 +180,9 @@ PLAN_QUERIES = [
 
 
 @pytest.mark.sqlite_only
-async def test_sqlite_reads_each_page_in_index_order(store: KeyStore, tmp_path: Path) -> None:
+async def test_sqlite_reads_each_page_in_index_order(store: KeyStore, db_path: Path) -> None:
     await fill(store, 50)
-    with sqlite3.connect(tmp_path / "sidecar.db") as con:
+    with sqlite3.connect(db_path) as con:
         for query in PLAN_QUERIES:
             sql, params = sqlite.page_sql(query)
             plan = " | ".join(row[3] for row in con.execute("EXPLAIN QUERY PLAN " + sql, params))

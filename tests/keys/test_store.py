@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import sqlite3
 import stat
-from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -16,35 +15,8 @@ import pytest
 
 from sidecar.keys.records import DISABLED, ENABLED, from_rfc3339, to_rfc3339
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
-from sidecar.keys.store.postgres import PostgresKeyStore
 from sidecar.keys.store.sqlite import MIGRATIONS, SQLiteKeyStore
-from tests.support.postgres import fresh_schema
 from tests.support.records import T0, audit_record, key_record
-
-
-@pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "data" / "sidecar.db"
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def backend_url(request: pytest.FixtureRequest, pg_database: str) -> Iterator[str]:
-    """"" for SQLite, else the URL of a fresh PostgreSQL schema."""
-    if request.param == "sqlite":
-        yield ""
-        return
-    with fresh_schema(pg_database) as url:
-        yield url
-
-
-@pytest.fixture
-async def store(backend_url: str, db_path: Path) -> AsyncIterator[KeyStore]:
-    s: KeyStore = PostgresKeyStore(backend_url) if backend_url else SQLiteKeyStore(db_path)
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
 
 
 def _sql(path: Path, query: str) -> list[tuple[object, ...]]:
