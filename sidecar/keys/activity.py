@@ -145,5 +145,8 @@ class ActivityLog:
             try:
                 await self.prune()
             except Exception as exc:  # the store is away: the next round catches up
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    raise asyncio.CancelledError from exc  # cancelled mid-prune: stop, as asked
                 self._log.error("audit pruning failed", error=repr(exc))
             await asyncio.sleep(every)

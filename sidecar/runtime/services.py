@@ -164,6 +164,11 @@ class Services:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # keep the loop alive; report and try again next tick
+                task = asyncio.current_task()
+                if task is not None and task.cancelling():
+                    # The job turned our cancellation into another error (a driver's cleanup
+                    # failing on the way out): stop anyway, or close() would wait forever.
+                    raise asyncio.CancelledError from exc
                 self.log.error("background job failed", job=getattr(job, "__name__", "?"), error=repr(exc))
 
     async def _flush_log(self) -> None:

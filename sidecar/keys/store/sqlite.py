@@ -201,6 +201,15 @@ _AUDIT_INSERT = ("INSERT INTO audit_events (time, action, actor, workspace, key_
                  "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
 
+async def _undo(db: aiosqlite.Connection) -> None:
+    """ROLLBACK on the way out of a failed write. A failure of the ROLLBACK itself (the
+    transaction already ended, as when a cancelled COMMIT still ran on aiosqlite's worker
+    thread) must not replace the error being raised: a swallowed ``CancelledError`` would keep
+    a cancelled background job looping and make shutdown wait for it forever."""
+    with contextlib.suppress(sqlite3.Error, ValueError):
+        await db.execute("ROLLBACK")
+
+
 class SQLiteKeyStore(KeyStore):
     """One aiosqlite connection; an asyncio lock serialises transactions on it."""
 
@@ -213,14 +222,16 @@ class SQLiteKeyStore(KeyStore):
     @contextlib.asynccontextmanager
     async def _write(self) -> AsyncIterator[None]:
         """One write transaction, serialised on this connection: BEGIN IMMEDIATE takes the write
-        lock up front (no SQLITE_BUSY half-way); COMMIT on success, ROLLBACK on any exception."""
+        lock up front (no SQLITE_BUSY half-way); COMMIT on success, ROLLBACK on any exception.
+        BEGIN is inside the ``try``: cancelled while waiting for it, the statement still runs on
+        aiosqlite's thread, and the transaction it opens must be rolled back, not left open."""
         async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
             try:
+                await self.db.execute("BEGIN IMMEDIATE")
                 yield
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await _undo(self.db)
                 raise
 
     @property
@@ -253,8 +264,8 @@ class SQLiteKeyStore(KeyStore):
                 pass
 
     async def _migrate(self, db: aiosqlite.Connection) -> int:
-        await db.execute("BEGIN IMMEDIATE")
         try:
+            await db.execute("BEGIN IMMEDIATE")
             async with db.execute("PRAGMA user_version") as cur:
                 row = await cur.fetchone()
             version = int(row[0]) if row else 0
@@ -267,7 +278,7 @@ class SQLiteKeyStore(KeyStore):
                 await db.execute(f"PRAGMA user_version = {number}")
             await db.execute("COMMIT")
         except BaseException:
-            await db.execute("ROLLBACK")
+            await _undo(db)
             raise
         return len(MIGRATIONS) - version
 
@@ -301,8 +312,8 @@ class SQLiteKeyStore(KeyStore):
 
     async def insert_key(self, record: KeyRecord, audit: Sequence[AuditRecord]) -> KeyRecord:
         async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
             try:
+                await self.db.execute("BEGIN IMMEDIATE")
                 revision = await self._next_revision()
                 await self.db.execute(
                     f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -310,12 +321,12 @@ class SQLiteKeyStore(KeyStore):
                 await self.db.executemany(_AUDIT_INSERT, [_audit_params(e) for e in audit])
                 await self.db.execute("COMMIT")
             except sqlite3.IntegrityError as exc:
-                await self.db.execute("ROLLBACK")
+                await _undo(self.db)
                 if "lookup_id" in str(exc):
                     raise DuplicateLookupId(record.lookup_id) from None
                 raise DuplicateName(record.name) from None
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await _undo(self.db)
                 raise
         return replace(record, revision=revision)
 
@@ -350,8 +361,8 @@ class SQLiteKeyStore(KeyStore):
     async def set_status(self, key_id: str, status: str, now: datetime,
                          audit: AuditRecord) -> KeyRecord | None:
         async with self._lock:
-            await self.db.execute("BEGIN IMMEDIATE")
             try:
+                await self.db.execute("BEGIN IMMEDIATE")
                 revision = await self._next_revision()
                 if status == DISABLED:
                     # Keep the first disable time when disabling twice.
@@ -370,7 +381,7 @@ class SQLiteKeyStore(KeyStore):
                 await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
                 await self.db.execute("COMMIT")
             except BaseException:
-                await self.db.execute("ROLLBACK")
+                await _undo(self.db)
                 raise
         return await self.get_key(key_id)
 
