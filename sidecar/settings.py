@@ -21,6 +21,8 @@ CONFIG_ENV = "TOOLIO_SIDECAR_CONFIG"
 SIGNING_KEYS_ENV = "TOOLIO_SIDECAR_SIGNING_KEYS"
 # The shared store's URL (it carries a password), e.g. from a Kubernetes Secret.
 STORE_URL_ENV = "TOOLIO_SIDECAR_STORE_URL"
+# The Redis that shares rate limits between replicas (it may carry a password).
+REDIS_URL_ENV = "TOOLIO_SIDECAR_REDIS_URL"
 
 ALGORITHMS = ("ES256", "EdDSA", "HS256")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -36,6 +38,12 @@ _TOOL_PATTERN = re.compile(r"[\x21-\x7e]{1,128}")
 
 T = TypeVar("T")
 
+# "N/second", "N/minute" or "N/hour" (docs/reference/limits.md).
+RATE_PERIODS: Mapping[str, float] = {"second": 1.0, "minute": 60.0, "hour": 3600.0}
+_RATE_LIMIT = re.compile(r"([1-9][0-9]{0,8})/(second|minute|hour)")
+UNLIMITED = "unlimited"
+REDIS_FAILURE_MODES = ("open", "closed")
+
 
 class SettingsError(ValueError):
     """A config value is missing, unknown or invalid; ``key`` is its dotted name."""
@@ -43,6 +51,46 @@ class SettingsError(ValueError):
     def __init__(self, key: str, message: str) -> None:
         super().__init__(f"config: {key}: {message}")
         self.key = key
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most ``count`` requests per ``unit``, smoothly: the allowance refills continuously and
+    a key at rest may spend a whole ``count`` at once (docs/reference/limits.md, Bursts)."""
+
+    count: int
+    unit: str          # "second" | "minute" | "hour"
+
+    @property
+    def period(self) -> float:
+        return RATE_PERIODS[self.unit]
+
+    @property
+    def per_second(self) -> float:
+        return self.count / self.period
+
+    def __str__(self) -> str:
+        return f"{self.count}/{self.unit}"
+
+
+def parse_rate_limit(text: str) -> RateLimit:
+    """``"600/minute"`` -> RateLimit(600, "minute"); a ValueError saying what is expected."""
+    match = _RATE_LIMIT.fullmatch(text) if isinstance(text, str) else None
+    if match is None:
+        raise ValueError(f"expected N/second, N/minute or N/hour with N from 1 to 999999999, got {text!r}")
+    return RateLimit(int(match.group(1)), match.group(2))
+
+
+def most_generous(limits: list[RateLimit | None]) -> RateLimit | None:
+    """The most generous of several limits; None (no limit) beats any. Equal rates: the larger
+    burst."""
+    best: RateLimit | None = None
+    for limit in limits:
+        if limit is None:
+            return None
+        if best is None or (limit.per_second, limit.count) > (best.per_second, best.count):
+            best = limit
+    return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +116,9 @@ class ProxySettings:
     upstream_pool_timeout_seconds: float = 5.0
     session_binding_max: int = 100_000
     session_binding_ttl_seconds: float = 86_400.0
+    # Requests one key may have in flight, open streams included; 0: no bound
+    # (docs/reference/limits.md).
+    max_concurrent_requests_per_key: int = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +196,21 @@ class OAuthSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class LimitsSettings:
+    """Where per-key rate limits are counted (docs/reference/limits.md): empty ``redis_url`` is
+    in this process (each replica counts alone); a Redis URL is shared by every replica."""
+
+    redis_url: str = field(default="", repr=False)  # may carry a password: never in a repr or log
+    # Redis unreachable or slow: "open" lets requests through uncounted, "closed" refuses them (503).
+    redis_failure: str = "open"
+    redis_timeout_seconds: float = 0.25
+
+    @property
+    def shared(self) -> bool:
+        return bool(self.redis_url)
+
+
+@dataclass(frozen=True, slots=True)
 class AuditSettings:
     """How long audit events are kept (docs/operations.md, Audit retention)."""
 
@@ -168,6 +234,8 @@ class Role:
     # fnmatch patterns of the MCP tools a key with this role may see and call; None: every tool
     # (docs/reference/config.md, [roles.NAME]).
     tools: tuple[str, ...] | None = None
+    # Requests a key with this role may make (docs/reference/limits.md); None: unlimited.
+    rate_limit: RateLimit | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +252,7 @@ class Settings:
     store: StoreSettings = StoreSettings()
     audit: AuditSettings = AuditSettings()
     oauth: OAuthSettings = OAuthSettings()
+    limits: LimitsSettings = LimitsSettings()
     roles: Mapping[str, Role] = field(default_factory=dict)
     # None: single-workspace mode, every request is ``workspace``'s. Set: ``workspace`` is "".
     workspaces: WorkspacesSettings | None = None
@@ -215,6 +284,12 @@ class Settings:
                 return None
             patterns.update(role.tools)
         return tuple(sorted(patterns))
+
+    def rate_limit_for(self, roles: tuple[str, ...] | list[str]) -> RateLimit | None:
+        """The most generous of the roles' rate limits; None (unlimited) when one of them has
+        none (docs/reference/limits.md). Unknown roles grant nothing, not even a limit."""
+        known = [self.roles[name].rate_limit for name in roles if name in self.roles]
+        return most_generous(known) if known else None
 
     def permissions_for(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
         """The union of the roles' permissions (docs/reference/keys.md); unknown roles grant nothing."""
@@ -376,6 +451,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
     store = _load_store(_Section(top.table("store"), "store."), environ)
     audit = _load_audit(_Section(top.table("audit"), "audit."))
     oauth = _load_oauth(_Section(top.table("oauth"), "oauth."))
+    limits = _load_limits(_Section(top.table("limits"), "limits."), environ)
     roles = _load_roles(top.table("roles"))
     top.reject_unknown()
 
@@ -388,7 +464,7 @@ def settings_from_mapping(data: Mapping[str, Any], environ: Mapping[str, str], *
         raise SettingsError("admin.listen", "must differ from proxy.listen (admin is never on the public port)")
     return Settings(workspace=workspace, data_dir=data_dir, log_level=log_level,
                     shutdown_grace_seconds=grace, proxy=proxy, auth=auth, argon2=argon2,
-                    admin=admin, signing=signing, store=store, audit=audit, oauth=oauth, roles=roles,
+                    admin=admin, signing=signing, store=store, audit=audit, oauth=oauth, limits=limits, roles=roles,
                     workspaces=workspaces)
 
 
@@ -468,6 +544,7 @@ def _load_proxy(s: _Section) -> ProxySettings:
         upstream_pool_timeout_seconds=s.number("upstream_pool_timeout_seconds", 5.0, minimum=0.001),
         session_binding_max=s.integer("session_binding_max", 100_000, minimum=1),
         session_binding_ttl_seconds=s.number("session_binding_ttl_seconds", 86_400.0, minimum=1),
+        max_concurrent_requests_per_key=s.integer("max_concurrent_requests_per_key", 64, minimum=0),
     )
     s.reject_unknown()
     return result
@@ -638,6 +715,24 @@ def _load_oauth(s: _Section) -> OAuthSettings:
     return result
 
 
+def _load_limits(s: _Section, environ: Mapping[str, str]) -> LimitsSettings:
+    configured = s.string("redis_url", "")
+    url = environ.get(REDIS_URL_ENV) or configured
+    key = REDIS_URL_ENV if environ.get(REDIS_URL_ENV) else s.key("redis_url")
+    if url:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
+            # Never echo the URL: it may carry a password.
+            raise SettingsError(key, "expected redis://[:password@]host[:port][/db], rediss://... or unix://path")
+    failure = s.string("redis_failure", "open")
+    if failure not in REDIS_FAILURE_MODES:
+        raise SettingsError(s.key("redis_failure"), "one of open, closed")
+    result = LimitsSettings(redis_url=url, redis_failure=failure,
+                            redis_timeout_seconds=s.number("redis_timeout_seconds", 0.25, minimum=0.001, maximum=30))
+    s.reject_unknown()
+    return result
+
+
 DEFAULT_ROLES: Mapping[str, Role] = {
     "viewer": Role("viewer", "Read planning data", frozenset({"plans:read"})),
     "org-admin": Role("org-admin", "Access organization settings, including API keys",
@@ -668,6 +763,12 @@ def _load_roles(table: Mapping[str, Any]) -> Mapping[str, Role]:
                 if not _TOOL_PATTERN.fullmatch(pattern):
                     raise SettingsError(f"{key}.tools[{index}]",
                                         f"a tool pattern is 1-128 visible ASCII characters, got {pattern!r}")
+        rate_limit: RateLimit | None = None
+        if "rate_limit" in body:
+            try:
+                rate_limit = parse_rate_limit(section.string("rate_limit", ""))
+            except ValueError as exc:
+                raise SettingsError(f"{key}.rate_limit", str(exc)) from None
         section.reject_unknown()
-        roles[name] = Role(name, description, frozenset(permissions), tools)
+        roles[name] = Role(name, description, frozenset(permissions), tools, rate_limit)
     return roles

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sidecar.gate.tools import ToolPolicy, policy_for
 from sidecar.keys.records import KeyRecord
-from sidecar.settings import Settings
+from sidecar.settings import UNLIMITED, RateLimit, Settings, parse_rate_limit
 
 # Control characters: these values become header fields upstream (RFC 9110 5.5 forbids CR, LF and
 # NUL in field values); config and key validation already exclude them, this is the last line.
@@ -45,6 +45,7 @@ class Principal:
     claims_prefix: str              # the static part of the assertion's JSON claims
     subject: str                    # "key:<id>" or "user:<sub>" (X-Toolio-Subject); "" for pass-through
     kind: str                       # KEY, USER or PASSTHROUGH
+    rate_limit: RateLimit | None = None  # requests it may make; None: unlimited
 
     @classmethod
     def from_record(cls, record: KeyRecord, settings: Settings) -> Principal:
@@ -59,7 +60,7 @@ class Principal:
             roles=roles, permissions=perms, deadline=record.deadline(), revision=record.revision,
             roles_header=",".join(roles), permissions_header=",".join(perms),
             claims_prefix=_claims_prefix(settings, record.id, record.name, record.workspace, roles, perms, subject),
-            subject=subject, kind=KEY,
+            subject=subject, kind=KEY, rate_limit=_key_rate_limit(record, settings, roles),
         )
 
     @classmethod
@@ -77,7 +78,7 @@ class Principal:
             permissions=perms, deadline=None, revision=0, roles_header=",".join(ordered),
             permissions_header=",".join(perms),
             claims_prefix=_claims_prefix(settings, subject, name, settings.workspace, ordered, perms, subject),
-            subject=subject, kind=USER,
+            subject=subject, kind=USER, rate_limit=settings.rate_limit_for(ordered),
         )
 
     @classmethod
@@ -91,6 +92,15 @@ class Principal:
             deadline=None, revision=0, roles_header="", permissions_header="", claims_prefix="",
             subject="", kind=PASSTHROUGH,
         )
+
+
+def _key_rate_limit(record: KeyRecord, settings: Settings, roles: tuple[str, ...]) -> RateLimit | None:
+    """The key's own limit when it has one, else its roles' (docs/reference/limits.md)."""
+    if record.rate_limit is None:
+        return settings.rate_limit_for(roles)
+    if record.rate_limit == UNLIMITED:
+        return None
+    return parse_rate_limit(record.rate_limit)
 
 
 def _tool_policy(settings: Settings, roles: tuple[str, ...]) -> ToolPolicy | None:

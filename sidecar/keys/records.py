@@ -49,6 +49,9 @@ class KeyRecord:
     expires_at: datetime | None = None
     disable_at: datetime | None = None
     revision: int = 0
+    # This key's own rate limit, replacing its roles': "N/second|minute|hour", or "unlimited";
+    # None: its roles' (docs/reference/limits.md).
+    rate_limit: str | None = None
 
     def deadline(self) -> float | None:
         """Epoch seconds after which the key no longer authenticates (expiry or scheduled disable)."""
