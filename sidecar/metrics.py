@@ -135,11 +135,25 @@ class Metrics:
         self.tool_lists_filtered = Counter(
             PREFIX + "tool_lists_filtered", "tools/list results filtered for a key's tool policy.",
             registry=registry)
+        self.limited_requests = Counter(
+            PREFIX + "limited_requests",
+            "Requests refused with 429 by a per-key limit, by reason (rate, concurrency).",
+            ("reason",), registry=registry)
+        self.limits_backend_errors = Counter(
+            PREFIX + "limits_backend_errors",
+            "Rate-limit checks Redis could not answer, by what happened to the request "
+            "(allowed: limits.redis_failure = open; refused: closed).", ("outcome",), registry=registry)
+        self.limits_check_seconds = Histogram(
+            PREFIX + "limits_check_seconds", "Duration of shared (Redis) rate-limit checks.", registry=registry,
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self.build_info = Info(PREFIX + "build", "Build information.", registry=registry)
         self.build_info.info({"version": __version__})
 
         self._failure_children = {r: self.auth_failures.labels(r) for r in AUTH_FAILURE_REASONS}
         self.tool_call_outcomes = {o: self.tool_calls.labels(o) for o in ("allowed", "denied")}
+        self.limited = {r: self.limited_requests.labels(r) for r in ("rate", "concurrency")}
+        for outcome in ("allowed", "refused"):
+            self.limits_backend_errors.labels(outcome)
         for kind in ("unreachable", "timeout", "reset", "pool_exhausted", "body_too_large", "unfilterable"):
             self.upstream_errors.labels(kind)
         for status in ("enabled", "disabled"):

@@ -7,7 +7,8 @@
 * ``echo``: the recording upstream answering with its ``echo`` behaviour;
 * ``mcp_upstream``: the bundled example MCP server (official SDK) base URL;
 * ``sidecar``: a sidecar in front of ``echo`` with the default test settings;
-* the PostgreSQL fixtures of ``tests.support.postgres`` (``pg_url`` ...), registered here once.
+* the PostgreSQL fixtures of ``tests.support.postgres`` (``pg_url`` ...) and ``redis_url`` of
+  ``tests.support.redis``, registered here once.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.postgres import fresh_schema
 from tests.support.upstreams import RecordingUpstream, example_upstream, run_echo_upstream
 
-pytest_plugins = ["tests.support.postgres"]
+pytest_plugins = ["tests.support.postgres", "tests.support.redis"]
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -18,10 +18,11 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.errors import InvalidToken, ProxyError, SidecarError, StoreUnavailable, with_resource_metadata
+from sidecar.errors import Fields, InvalidToken, ProxyError, SidecarError, StoreUnavailable, with_resource_metadata
 from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.gate.principal import PASSTHROUGH, Principal
+from sidecar.gate.quota import Quota, RateLimitExceeded, TooManyInFlight
 from sidecar.gate.sessions import SessionBindings
 from sidecar.gate.tools import ToolPolicy
 from sidecar.gate.workspaces import HostWorkspaces
@@ -104,13 +105,16 @@ class _Outcome:
     status: int = 0
     bytes_out: int = 0
     mcp: Inspection = NOTHING
+    # The key's RateLimit fields, added to its answer so that an agent can pace itself
+    # (docs/reference/limits.md); empty for a key without a rate limit.
+    limit_fields: Fields | tuple[()] = ()
 
 
 class ProxyHandler:
     def __init__(self, settings: ProxySettings, authenticator: Authenticator, signer: Signer,
                  pool: UpstreamPool, metrics: Metrics, log: JsonLog,
                  streams: StreamRegistry, bindings: SessionBindings, activity: ToolCallRecorder,
-                 workspaces: HostWorkspaces | None = None) -> None:
+                 quota: Quota, workspaces: HostWorkspaces | None = None) -> None:
         self._settings = settings
         self._trusted: tuple[Network, ...] = settings.trusted_proxies
         self._auth = authenticator
@@ -125,6 +129,8 @@ class ProxyHandler:
         self._resource_metadata = authenticator.resource_metadata
         # [workspaces] mode: each request's workspace from its host (sidecar.gate.workspaces).
         self._workspaces = workspaces
+        self._quota = quota
+        self._max_in_flight = settings.max_concurrent_requests_per_key
 
     def client_address(self, request: ClientRequest) -> str:
         return client_address(request, self._trusted)
@@ -218,6 +224,8 @@ class ProxyHandler:
         if self._streams.was_cut_since(principal.key_id, started):
             self._metrics.count_auth_failure("disabled")
             raise InvalidToken("disabled")
+        if principal.kind != PASSTHROUGH:
+            await self._admit(principal, outcome)
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is not None:
             # Only sessions issued through this sidecar (and bound in the store before their id
@@ -320,7 +328,8 @@ class ProxyHandler:
             # A tools/call this key may not make: answered here, never forwarded.
             outcome.status = answer.status
             outcome.bytes_out = len(answer.body)
-            request.respond(answer.status, reason_phrase(answer.status), answer.fields, answer.body)
+            request.respond(answer.status, reason_phrase(answer.status), [*answer.fields, *outcome.limit_fields],
+                            answer.body)
             return
         if policy is not None:
             # A tool list is filtered as JSON; an upstream must not compress it out of reach
@@ -360,6 +369,22 @@ class ProxyHandler:
         finally:
             if up is not None:
                 up.close()  # pooled only if the answer was read completely, else closed
+
+    async def _admit(self, principal: Principal, outcome: _Outcome) -> None:
+        """The key's limits (docs/reference/limits.md): its requests in flight, this one
+        included (it is registered already, so concurrent arrivals cannot all pass a check made
+        before either counts), then its rate. One key's traffic never refuses another key's."""
+        bound = self._max_in_flight
+        if bound and self._streams.in_flight(principal.key_id) > bound:
+            self._metrics.limited["concurrency"].inc()
+            raise TooManyInFlight(bound)
+        limit = principal.rate_limit
+        if limit is not None:
+            verdict = await self._quota.take(principal.key_id, limit)
+            if not verdict.allowed:
+                self._metrics.limited["rate"].inc()
+                raise RateLimitExceeded(verdict, limit)
+            outcome.limit_fields = verdict.fields
 
     def _upstream_failure(self, exc: BaseException, *, too_large: bool, malformed: bool) -> ProxyError:
         """The client's answer when no upstream response head came. The request body's own
@@ -440,7 +465,8 @@ class ProxyHandler:
                     raise self._unfilterable() from None
                 outcome.status = up.status
                 outcome.bytes_out = len(body)
-                request.respond(up.status, up.reason, _without_validators(response_headers(up.headers)), body)
+                request.respond(up.status, up.reason,
+                                [*_without_validators(response_headers(up.headers)), *outcome.limit_fields], body)
                 return
             if streaming:
                 length = None  # events may change length: the answer is re-framed (chunked)
@@ -456,12 +482,17 @@ class ProxyHandler:
                 raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
             outcome.status = up.status
             outcome.bytes_out = len(body)
-            request.respond(up.status, up.reason, response_headers(up.headers), body)
+            fields = response_headers(up.headers)
+            if outcome.limit_fields:
+                fields += outcome.limit_fields
+            request.respond(up.status, up.reason, fields, body)
             return
         outcome.status = up.status
         fields = response_headers(up.headers)
         if answer_filter is not None:
             fields = _without_validators(fields)
+        if outcome.limit_fields:
+            fields += outcome.limit_fields
         if not request.start(up.status, up.reason, fields, length):
             return  # HEAD, 204, 304: the head is the whole answer
         if streaming:

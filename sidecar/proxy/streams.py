@@ -57,6 +57,11 @@ class StreamRegistry:
                 self.idle.set()
         self.cut_tasks.discard(task)
 
+    def in_flight(self, key_id: str) -> int:
+        """Requests of ``key_id`` in flight now (open streams included)."""
+        tasks = self._by_key.get(key_id)
+        return len(tasks) if tasks is not None else 0
+
     def __len__(self) -> int:
         return self._count
 

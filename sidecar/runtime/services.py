@@ -22,6 +22,7 @@ from sidecar.gate.authenticator import Authenticator, LastUsed
 from sidecar.gate.cache import KeyCache
 from sidecar.gate.oauth import OAuthGate
 from sidecar.gate.peers import ClientRequest
+from sidecar.gate.quota import Quota
 from sidecar.gate.sessions import SessionBindings
 from sidecar.gate.workspaces import HostWorkspaces
 from sidecar.http.client import UpstreamPool
@@ -63,6 +64,7 @@ class Services:
                                 max_staleness_seconds=settings.store.max_staleness_seconds)
         self.keys = KeyManager(settings, self.store, self.hasher, self.audit, on_change=self.events.key_changed)
         self.oauth = OAuthGate(settings, self.metrics, self.log)
+        self.quota = Quota(settings.limits, self.metrics, self.log)
         self.signer: Signer | None = None
         self.pool: UpstreamPool | None = None
         self.authenticator: Authenticator | None = None
@@ -108,7 +110,7 @@ class Services:
                                            oauth=self.oauth)
         self.events.on_enabled = self.authenticator.forgive
         self.proxy = ProxyHandler(proxy, self.authenticator, self.signer, self.pool, self.metrics,
-                                  self.log, self.streams, self.bindings, self.activity,
+                                  self.log, self.streams, self.bindings, self.activity, self.quota,
                                   workspaces=HostWorkspaces(settings.workspaces, proxy.trusted_proxies)
                                   if settings.workspaces is not None else None)
         await self.refresh_key_gauge()
@@ -136,6 +138,7 @@ class Services:
         self._tasks = []
         await self.events.close()
         await self.oauth.close()
+        await self.quota.close()
         if self.authenticator is not None:
             await self.authenticator.close()
         await self.flush()

@@ -1,0 +1,207 @@
+"""Per-key rate limits (docs/reference/limits.md): GCRA, in this process or shared in Redis.
+
+GCRA (the generic cell rate algorithm) keeps one number per key, its *theoretical arrival time*
+(TAT): when the key's allowance would be whole again if nothing more came. A request moves the
+TAT one emission interval (period / count) further; it is refused when that would put the TAT
+more than one period ahead of now. So a key at rest may spend its whole count at once (the
+burst), then one request per interval; the memory per key is one float, the work per request a
+handful of arithmetic operations.
+
+The answer carries the fields of draft-ietf-httpapi-ratelimit-headers-10 (section 3 and 4):
+``RateLimit-Policy: "key";q=COUNT;w=PERIOD`` and ``RateLimit: "key";r=REMAINING;t=SECONDS``,
+where ``t`` is when the allowance is whole again.
+
+With ``limits.redis_url`` every replica asks Redis, one script run per request (one round trip,
+atomic): the TAT lives in Redis and its clock is Redis's own ``TIME``, so replicas with skewed
+clocks still share one limit. When Redis cannot answer within ``limits.redis_timeout_seconds``,
+``limits.redis_failure`` decides: ``open`` lets the request through uncounted, ``closed``
+refuses it with 503; both are counted (``toolio_sidecar_limits_backend_errors``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from cachetools import LRUCache
+
+from sidecar.errors import Fields, SidecarError
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.settings import LimitsSettings, RateLimit
+
+# The policy's name in the RateLimit fields: the one quota this sidecar applies, per key.
+POLICY_NAME = '"key"'
+# Keys whose TAT is remembered in memory mode; an evicted key starts again with a whole
+# allowance, so the bound only ever errs towards letting requests through.
+MAX_TRACKED_KEYS = 100_000
+REDIS_PREFIX = "toolio-sidecar:rate:"
+LOG_EVERY_SECONDS = 10.0
+# After a failed Redis check, the next this many seconds decide without asking Redis.
+RETRY_REDIS_SECONDS = 1.0
+
+# KEYS[1]: the key's TAT (microseconds since the epoch). ARGV: emission interval and period, in
+# microseconds. Returns {allowed (0|1), remaining, microseconds until whole, retry-after µs}.
+# Redis's TIME is the one clock; the TAT expires when it would be in the past anyway.
+_GCRA_SCRIPT = """
+local now_parts = redis.call('TIME')
+local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local interval = tonumber(ARGV[1])
+local period = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]))
+if tat == nil or tat < now then tat = now end
+local new_tat = tat + interval
+if new_tat - now > period then
+  return {0, 0, tat - now, new_tat - now - period}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """One rate-limit decision and the fields that describe it to the client."""
+
+    allowed: bool
+    fields: Fields
+    retry_after: int = 0
+
+
+class RateLimitExceeded(SidecarError):
+    """429: the key has spent its rate limit (docs/reference/limits.md)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+
+    def __init__(self, verdict: Verdict, limit: RateLimit) -> None:
+        super().__init__(f"This key's rate limit ({limit}) is spent; retry after {verdict.retry_after} s")
+        self.verdict = verdict
+
+    def headers(self) -> Fields:
+        return [("Retry-After", str(self.verdict.retry_after)), *self.verdict.fields]
+
+
+class TooManyInFlight(SidecarError):
+    """429: the key already has ``proxy.max_concurrent_requests_per_key`` requests in flight."""
+
+    status = 429
+    code = "too_many_requests_in_flight"
+
+    def __init__(self, bound: int) -> None:
+        super().__init__(f"This key already has {bound} requests in flight (open streams included); "
+                         "retry when one ends")
+
+    def headers(self) -> Fields:
+        return [("Retry-After", "1")]
+
+
+class LimitsUnavailable(SidecarError):
+    """503: the shared rate-limit counter (Redis) cannot answer and ``limits.redis_failure`` is
+    ``closed``."""
+
+    status = 503
+    code = "limits_unavailable"
+
+    def __init__(self) -> None:
+        super().__init__("Rate limits cannot be checked right now; retry shortly")
+
+    def headers(self) -> Fields:
+        return [("Retry-After", "1")]
+
+
+def _fields(limit: RateLimit, remaining: int, whole_in: float) -> Fields:
+    # Integer seconds (draft-ietf-httpapi-ratelimit-headers-10, 4.1: "t" is a non-negative
+    # Integer): rounded up, so a client that waits t seconds finds its allowance whole.
+    return [("RateLimit-Policy", f"{POLICY_NAME};q={limit.count};w={int(limit.period)}"),
+            ("RateLimit", f"{POLICY_NAME};r={max(0, remaining)};t={max(0, math.ceil(whole_in))}")]
+
+
+class Quota:
+    """Rate-limit decisions for keys: :meth:`take` one request from a key's allowance."""
+
+    def __init__(self, settings: LimitsSettings, metrics: Metrics, log: JsonLog) -> None:
+        self._settings = settings
+        self._metrics = metrics
+        self._log = log
+        self._tats: LRUCache[str, float] = LRUCache(MAX_TRACKED_KEYS)
+        self._redis: Any = None
+        self._script: Any = None
+        self._quiet_until = 0.0
+        self._down_until = 0.0
+        if settings.shared:
+            import redis.asyncio  # only when configured: memory mode needs no Redis client
+
+            self._redis = redis.asyncio.Redis.from_url(
+                settings.redis_url, socket_timeout=settings.redis_timeout_seconds,
+                socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30)
+            self._script = self._redis.register_script(_GCRA_SCRIPT)
+
+    @property
+    def shared(self) -> bool:
+        return self._redis is not None
+
+    async def take(self, subject: str, limit: RateLimit) -> Verdict:
+        """Spend one request of ``subject``'s (a key id's) ``limit``."""
+        if self._redis is None:
+            return self.take_here(subject, limit)
+        return await self._take_shared(subject, limit)
+
+    def take_here(self, subject: str, limit: RateLimit) -> Verdict:
+        """The in-process decision (memory mode): no I/O, O(1)."""
+        now = time.monotonic()
+        interval = limit.period / limit.count
+        tat = self._tats.get(subject, now)
+        if tat < now:
+            tat = now
+        new_tat = tat + interval
+        ahead = new_tat - now
+        if ahead > limit.period:
+            wait = max(1, math.ceil(ahead - limit.period))
+            return Verdict(False, _fields(limit, 0, tat - now), wait)
+        self._tats[subject] = new_tat
+        return Verdict(True, _fields(limit, int((limit.period - ahead) / interval + 1e-9), ahead))
+
+    async def _take_shared(self, subject: str, limit: RateLimit) -> Verdict:
+        if time.monotonic() < self._down_until:
+            # Redis failed a moment ago: decide without waiting on it again for every request
+            # (a blackholed Redis would otherwise add redis_timeout_seconds to each one).
+            return self._backend_failed(subject, limit, None)
+        started = time.perf_counter()
+        interval = round(limit.period * 1_000_000 / limit.count)
+        try:
+            async with asyncio.timeout(self._settings.redis_timeout_seconds):
+                allowed, remaining, whole_us, retry_us = await self._script(
+                    keys=[REDIS_PREFIX + subject], args=[interval, int(limit.period * 1_000_000)])
+        except Exception as exc:  # unreachable, timed out, refused: the setting decides
+            self._down_until = time.monotonic() + RETRY_REDIS_SECONDS
+            return self._backend_failed(subject, limit, exc)
+        finally:
+            self._metrics.limits_check_seconds.observe(time.perf_counter() - started)
+        if not allowed:
+            wait = max(1, math.ceil(int(retry_us) / 1_000_000))
+            return Verdict(False, _fields(limit, 0, int(whole_us) / 1_000_000), wait)
+        return Verdict(True, _fields(limit, int(remaining), int(whole_us) / 1_000_000))
+
+    def _backend_failed(self, subject: str, limit: RateLimit, exc: BaseException | None) -> Verdict:
+        """Redis could not answer. ``closed``: 503. ``open``: the request is not refused for
+        it, but it is still counted, in this process, as in memory mode: each replica then
+        allows the whole limit (docs/reference/limits.md, When Redis is away)."""
+        closed = self._settings.redis_failure == "closed"
+        self._metrics.limits_backend_errors.labels("refused" if closed else "allowed").inc()
+        now = time.monotonic()
+        if exc is not None and now >= self._quiet_until:
+            # Once per LOG_EVERY_SECONDS, not per request: an outage must not flood the log.
+            self._quiet_until = now + LOG_EVERY_SECONDS
+            self._log.warning("rate limits cannot be checked in Redis",
+                              redis_failure=self._settings.redis_failure, error=type(exc).__name__)
+        if closed:
+            raise LimitsUnavailable()
+        return self.take_here(subject, limit)
+
+    async def close(self) -> None:
+        if self._redis is not None:
+            await self._redis.aclose()
