@@ -510,8 +510,10 @@ def start_sidecar(env: Env, cli: list[str], name: str, upstream: Target, label: 
         )
 
     # The idle-stream test needs more concurrent upstream connections than a default pool may
-    # allow. The pool-size key is not part of the config contract: without it if refused.
-    write_config(f"upstream_max_connections = {max(1000, env.args.streams + 200)}\n")
+    # allow, and holds them all with one key: more than its default bound of requests in flight.
+    # The pool-size key is not part of the config contract: without it if refused.
+    write_config(f"upstream_max_connections = {max(1000, env.args.streams + 200)}\n"
+                 "max_concurrent_requests_per_key = 0\n")
     created = create_key()
     if created.returncode == 2 and "upstream_max_connections" in created.stderr:
         log(f"{name}: config refuses upstream_max_connections; using the sidecar's default pool")
@@ -656,6 +658,14 @@ def throughput_table(env: Env, rounds: list[Round], names: list[str], conns: int
         ]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "*CPU time of the proxy process(es) per request; for a direct target, the server's."]
+    # Each variant against the plain sidecar, paired within rounds: what the capability costs.
+    variants = [n for n in names if n.startswith("sidecar-") and "sidecar" in names]
+    if variants:
+        lines += ["", "| variant | vs sidecar (rps, paired) | p50 added |", "|---|---|---|"]
+        base_p50 = median([r.runs["sidecar"].p50_ms for r in good])
+        for n in variants:
+            p50 = median([r.runs[n].p50_ms for r in good])
+            lines.append(f"| {n} | {ratio(good, n, 'sidecar')} | {p50 - base_p50:+.3f} ms |")
     return "\n".join(lines)
 
 
@@ -945,6 +955,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="seconds per measured wrk run (default 10)")
     p.add_argument("--postgres-url", default="postgresql://postgres@127.0.0.1:5432/postgres",
                    help="a PostgreSQL server for the sidecar-pg target ('' to skip)")
+    p.add_argument("--redis-url", default="redis://127.0.0.1:6379/15",
+                   help="a Redis for the sidecar-redis target ('' to skip)")
     p.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up before each run (default 2)")
     p.add_argument(
         "--rounds", type=int, default=3, help="rounds, target order rotated each round (default 3; 0: SSE only)"
@@ -1073,6 +1085,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                     role='tools = ["get_*", "search_*", "list_*", "describe_*", "whoami", "add", "echo", '
                          '"plans", "plan_[0-9]*", "report_?"]\n',
                 )
+                # The same sidecar with a rate limit on the key's role, counted in the process: one
+                # GCRA step and two more answer fields per request (never refused at this rate).
+                env.targets["sidecar-limited"] = start_sidecar(
+                    env, cli, "sidecar-limited", up, "toolio-sidecar, rate-limited key (in memory)",
+                    role='rate_limit = "999999999/second"\n',
+                )
+                if args.redis_url:
+                    # ... and counted in Redis: one script run (one round trip) per request.
+                    env.targets["sidecar-redis"] = start_sidecar(
+                        env, cli, "sidecar-redis", up, "toolio-sidecar, rate-limited key (shared in Redis)",
+                        role='rate_limit = "999999999/second"\n',
+                        extra=f'\n[limits]\nredis_url = "{args.redis_url}"\n',
+                    )
                 # The same sidecar signing with HS256: what ES256 (the default) costs per request.
                 env.targets["sidecar-hs256"] = start_sidecar(
                     env, cli, "sidecar-hs256", up, "toolio-sidecar, HS256 assertion instead of ES256",
@@ -1081,7 +1106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             env.targets["nginx"] = start_nginx(env, "nginx", up)
             env.targets["bare"] = start_bare(env, "bare", up, "bare aiohttp pass-through proxy")
             names: list[str] = [n for n in ("direct", "nginx", "bare", "sidecar", "sidecar-tools", "sidecar-pg",
-                                            "sidecar-hs256")
+                                            "sidecar-limited", "sidecar-redis", "sidecar-hs256")
                                 if n in env.targets]
             mcp_names: list[str] = []
             if not args.no_mcp:

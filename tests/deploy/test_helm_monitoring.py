@@ -146,6 +146,10 @@ SCENARIOS: dict[str, tuple[list[dict[str, str]], list[dict[str, str]], dict[str,
         [series("toolio_sidecar_audit_write_failures_total", "0 0 0 0 1x11")],
         [series("toolio_sidecar_audit_write_failures_total", "3x15")],
         {"severity": "warning"}),
+    "ToolioSidecarRateLimitBackendDown": (
+        [series("toolio_sidecar_limits_backend_errors_total", "0 0 0 0 0+20x11", outcome="allowed")],
+        [series("toolio_sidecar_limits_backend_errors_total", "7x15", outcome="allowed")],
+        {"severity": "warning"}),
     "ToolioSidecarAuditEventsDropped": (
         [series("toolio_sidecar_audit_events_dropped_total", "0 0 0 0 50x11")],
         [series("toolio_sidecar_audit_events_dropped_total", "0x15")],

@@ -17,7 +17,7 @@ import helm_python as helm
 import kubernetes_validate
 import pytest
 
-from sidecar.settings import STORE_URL_ENV, load_settings
+from sidecar.settings import REDIS_URL_ENV, STORE_URL_ENV, load_settings
 from tests.support.helm import (
     CHART_DIR,
     FULLNAME,
@@ -449,3 +449,26 @@ def test_schema_rejects_unknown_store_types_and_misspelt_new_values(chart: helm.
         render(chart, {**CASES["postgres-standalone-hpa"], "autoscaling": {"enabled": True, "maxReplica": 3}})
     with pytest.raises(helm.HelmValuesError, match=r"podAntiAffinity"):
         render(chart, {"podAntiAffinity": "sometimes"})
+
+
+def test_redis_url_reaches_the_pods_only_through_a_secret_reference_and_limits_render(chart: helm.Chart) -> None:
+    values = {**CASES["postgres-sidecar-3"], "limits": {"redis": {"existingSecret": "toolio-redis"}},
+              "config": {"roles": {"agent": {"description": "Agents", "permissions": ["plans:read"],
+                                             "rate_limit": "600/minute"},
+                                   "org-admin": {"description": "Admins", "permissions": ["org:settings"]}},
+                         "limits": {"redis_failure": "closed"},
+                         "proxy": {"max_concurrent_requests_per_key": 16}}}
+    manifests = render(chart, values)
+    assert env_by_name(sidecar_container(manifests))[REDIS_URL_ENV] == {
+        "name": REDIS_URL_ENV, "valueFrom": {"secretKeyRef": {"name": "toolio-redis", "key": "url"}}}
+    config = tomllib.loads(config_text(manifests, FULLNAME))
+    assert config["roles"]["agent"]["rate_limit"] == "600/minute"
+    assert config["limits"]["redis_failure"] == "closed"
+    assert config["limits"].get("redis_url", "") == ""  # the URL comes from the environment only
+    assert config["proxy"]["max_concurrent_requests_per_key"] == 16
+    # Without the Secret no pod is told about Redis.
+    plain = render(chart, CASES["postgres-sidecar-3"])
+    assert REDIS_URL_ENV not in env_by_name(sidecar_container(plain))
+    # A bad limit is refused at render time by the values schema.
+    with pytest.raises(helm.HelmValuesError, match="rate_limit"):
+        render(chart, {"config": {"roles": {"agent": {"permissions": [], "rate_limit": "600/day"}}}})

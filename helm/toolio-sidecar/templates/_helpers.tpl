@@ -300,6 +300,13 @@ The store. "postgres": the URL reaches the pod only as TOOLIO_SIDECAR_STORE_URL 
       name: {{ .Values.store.postgres.existingSecret | quote }}
       key: {{ .Values.store.postgres.secretKey | quote }}
 {{- end }}
+{{- with .Values.limits.redis.existingSecret }}
+- name: TOOLIO_SIDECAR_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ . | quote }}
+      key: {{ $.Values.limits.redis.secretKey | quote }}
+{{- end }}
 {{- end }}
 
 {{/*
