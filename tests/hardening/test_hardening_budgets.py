@@ -178,3 +178,18 @@ async def test_a_full_verification_queue_answers_503_with_retry_after_and_nothin
                 assert (await status_of(client, sidecar, key))[0] == 200
         assert sample(registry, "toolio_sidecar_auth_failures_total", reason="rate_limited") == 0
         assert sample(registry, "toolio_sidecar_verification_queue_depth") == 0
+
+
+async def test_concurrent_wrong_secrets_reach_argon2_no_more_often_than_the_budget_allows(
+        tmp_path: Path, upstream: RecordingUpstream) -> None:
+    # 30 distinct wrong secrets at once, from one address, against one lookup id whose budget for
+    # that network is 5: each attempt holds a unit while it is verified, so no more than 5 run.
+    settings = hardening_settings(tmp_path, upstream.url, auth={"failures_per_minute_per_lookup_id": 5})
+    async with session_from(ATTACKER) as attacker, running_sidecar(settings) as sidecar:
+        record, _ = await sidecar.create_key("target")
+        results = await asyncio.gather(*(status_of(attacker, sidecar, checksum_valid_token(record.lookup_id))
+                                         for _ in range(30)))
+        statuses = [status for status, _, _ in results]
+        assert statuses.count(401) == 5, statuses
+        assert statuses.count(429) == 25
+        assert argon2_runs(sidecar) == 5
