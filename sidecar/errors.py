@@ -7,6 +7,7 @@
     │   ├── InvalidToken          401, error="invalid_token" (unknown, wrong, disabled, expired)
     │   └── RateLimited           429 + Retry-After
     ├── StoreUnavailable          503 + Retry-After: the key store cannot be read
+    ├── VerificationsBusy         503 + Retry-After: the queue of keys waiting for argon2 is full
     ├── SignInUnavailable         503 + Retry-After: the authorization server's keys cannot be had
     ├── ProxyError                the proxy's own refusals and upstream failures
     │                             (400 / 403 / 413 / 502 / 503 / 504)
@@ -128,6 +129,22 @@ class StoreUnavailable(SidecarError):
 
     def __init__(self) -> None:
         super().__init__("The key store is unavailable; retry shortly")
+
+    def headers(self) -> Fields:
+        return [("Retry-After", "1")]
+
+
+class VerificationsBusy(SidecarError):
+    """More keys wait for argon2 than ``auth.max_queued_verifications``: 503, retry shortly. Not
+    an authentication failure and not a failure budget: the key was not looked at, and nothing
+    is spent (docs/reference/status-codes.md)."""
+
+    status = 503
+    code = "verification_queue_full"
+    reason = "queue_full"
+
+    def __init__(self) -> None:
+        super().__init__("Too many API keys are waiting to be verified; retry shortly")
 
     def headers(self) -> Fields:
         return [("Retry-After", "1")]

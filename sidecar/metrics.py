@@ -33,6 +33,8 @@ STATUS_CLASSES = ("1xx", "2xx", "3xx", "4xx", "5xx")
 REQUEST_SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
 AUTH_FAILURE_REASONS = ("missing", "malformed", "invalid", "disabled", "expired", "rate_limited",
                         "workspace",
+                        # the queue in front of argon2 was full (503; docs/reference/metrics.md)
+                        "queue_full",
                         # OAuth access tokens (oauth.mode = "validate"; docs/reference/metrics.md)
                         "token_invalid", "token_expired", "token_audience", "token_issuer", "token_keys_unavailable")
 # Who a request came from (docs/reference/metrics.md): a key, a signed-in user, a pass-through
@@ -107,6 +109,15 @@ class Metrics:
         self.argon2_seconds = Histogram(
             PREFIX + "argon2_verify_seconds", "Duration of argon2id verifications.", registry=registry,
             buckets=(0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5))
+        # The queue in front of the argon2 slots (auth.max_queued_verifications): keys not in the
+        # cache wait here, behind their failure budgets' held units and the busy slots.
+        self.verification_queue = Gauge(
+            PREFIX + "verification_queue_depth",
+            "Key verifications waiting for an argon2 slot (auth.max_queued_verifications).", registry=registry)
+        self.verification_wait_seconds = Histogram(
+            PREFIX + "verification_queue_wait_seconds",
+            "Time a key verification waited in the queue before its argon2 run.", registry=registry,
+            buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0))
         self.upstream_head_seconds = Histogram(
             PREFIX + "upstream_response_head_seconds",
             "Time from sending a request upstream to its response head.", registry=registry,

@@ -127,8 +127,13 @@ class AuthSettings:
     negative_cache_size: int = 10_000
     negative_cache_ttl_seconds: float = 60.0
     max_concurrent_verifications: int = 2
+    # Verifications waiting for one of those slots; beyond it 503 (docs/reference/config.md, [auth]).
+    max_queued_verifications: int = 1024
+    # Failure budgets (sidecar.gate.buckets): per client address (IPv6: its /64), per (lookup id,
+    # client network), and per lookup id from networks that have already failed against it.
     failures_per_minute_per_address: int = 30
     failures_per_minute_per_lookup_id: int = 10
+    failures_per_minute_per_lookup_id_total: int = 100
     last_used_flush_seconds: float = 5.0
     store_poll_seconds: float = 0.25
 
@@ -557,7 +562,9 @@ def _load_auth(s: _Section) -> AuthSettings:
         negative_cache_ttl_seconds=s.number("negative_cache_ttl_seconds", 60.0, minimum=0),
         max_concurrent_verifications=s.integer("max_concurrent_verifications", 2, minimum=1, maximum=64),
         failures_per_minute_per_address=s.integer("failures_per_minute_per_address", 30, minimum=1),
+        max_queued_verifications=s.integer("max_queued_verifications", 1024, minimum=1, maximum=1_000_000),
         failures_per_minute_per_lookup_id=s.integer("failures_per_minute_per_lookup_id", 10, minimum=1),
+        failures_per_minute_per_lookup_id_total=s.integer("failures_per_minute_per_lookup_id_total", 100, minimum=1),
         last_used_flush_seconds=s.number("last_used_flush_seconds", 5.0, minimum=0.05, maximum=3600),
         store_poll_seconds=s.number("store_poll_seconds", 0.25, minimum=0.01, maximum=1.0),
     )

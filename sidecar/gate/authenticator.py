@@ -6,10 +6,12 @@ Order matters for cost and for fairness under attack:
 2. the verified-key cache: a hit is a dict lookup plus a constant-time digest compare, and it
    is checked *before* any rate limit, so a key already verified keeps working while someone
    hammers its lookup id;
-3. failure budgets per client address and per lookup id (429 + Retry-After);
+3. failure budgets per client network, per (lookup id, network) and per lookup id
+   (sidecar.gate.buckets; 429 + Retry-After): spent by recorded failures only;
 4. the negative cache (the same bad token never costs argon2 twice);
-5. the store and argon2id, off the event loop and bounded by a semaphore so a flood of misses
-   cannot stall the loop or the machine.
+5. the store, then a bounded queue (503 + Retry-After only when it is full) in front of a few
+   argon2id slots, off the event loop, so a flood of misses cannot stall the loop or the machine
+   and a burst of valid keys waits its turn instead of being refused.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ from sidecar.errors import (
     MissingCredentials,
     RateLimited,
     StoreUnavailable,
+    VerificationsBusy,
 )
-from sidecar.gate.buckets import FailureLimiter
+from sidecar.gate.buckets import FailureBudgets, client_network
 from sidecar.gate.cache import KeyCache
 from sidecar.gate.oauth import OAuthGate
 from sidecar.gate.peers import ClientRequest
@@ -105,6 +108,12 @@ def credential_in_query(query: str) -> bool:
 _REFUSED_WITHOUT_GUESSING = frozenset({"disabled", "expired", "workspace"})
 
 
+class _WrongSecret(InvalidToken):
+    """argon2 said no; the failure is already spent on the budgets of the verification's own
+    client (in the same step as its held units were released), so its caller must not spend it
+    again."""
+
+
 def bearer_token(request: ClientRequest) -> str:
     """The token of the single ``Authorization: Bearer`` header, or the RFC 6750 error."""
     # RFC 6750 2.3 allows access_token in the query; we refuse it (it lands in logs and
@@ -154,9 +163,15 @@ class Authenticator:
         self._oauth = oauth if oauth is not None and oauth.mode != "off" else None
         # RFC 9728 5.1: named in the public listener's 401 challenges in validate mode.
         self.resource_metadata = oauth.resource_metadata_url if oauth is not None else None
-        self._by_address = FailureLimiter(settings.auth.failures_per_minute_per_address)
-        self._by_lookup = FailureLimiter(settings.auth.failures_per_minute_per_lookup_id)
+        self._budgets = FailureBudgets(settings.auth.failures_per_minute_per_address,
+                                       settings.auth.failures_per_minute_per_lookup_id,
+                                       settings.auth.failures_per_minute_per_lookup_id_total)
         self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
+        # Verifications waiting for budget room or a slot (the queue in front of argon2), and a
+        # signal set each time a held unit is released (then replaced) for those waiting on room.
+        self._queued = 0
+        self._released = asyncio.Event()
+        metrics.verification_queue.set_function(lambda: self._queued)
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: dict[bytes, asyncio.Task[Principal]] = {}
         # Dedicated, lower-priority threads for argon2 (see _lower_priority), one per slot.
@@ -193,7 +208,7 @@ class Authenticator:
         principal = self._oauth.cached(token)
         if principal is not None:
             return principal
-        self._check_budget(self._client_address(request), None)
+        self._check_budget(client_network(self._client_address(request)), None)
         try:
             return await self._oauth.verify(token)
         except InvalidToken as exc:
@@ -226,7 +241,7 @@ class Authenticator:
         try:
             parsed = parse_key(token)
         except KeyFormatError:
-            self._check_budget(self._client_address(request), None)
+            self._check_budget(client_network(self._client_address(request)), None)
             self._fail(None, request, "invalid", expected)
             raise InvalidToken() from None
         self._metrics.cache_misses.inc()
@@ -255,32 +270,31 @@ class Authenticator:
 
     def forgive(self, lookup_id: str) -> None:
         """Forget failures against ``lookup_id`` (its key was just enabled again)."""
-        self._by_lookup.forget(lookup_id)
+        self._budgets.forget(lookup_id)
 
-    def _check_budget(self, client: str, lookup_id: str | None) -> None:
-        wait = self._by_address.retry_after(client)
-        if wait is None and lookup_id is not None:
-            wait = self._by_lookup.retry_after(lookup_id)
+    def _check_budget(self, network: str, lookup_id: str | None) -> None:
+        wait = self._budgets.refusal(network, lookup_id)
         if wait is not None:
             self._metrics.count_auth_failure("rate_limited")
             raise RateLimited(wait)
 
     def _fail(self, lookup_id: str | None, request: ClientRequest, reason: str,
-              workspace: str | None = None) -> None:
+              workspace: str | None = None, *, spent: bool = False) -> None:
         client = self._client_address(request)
-        self._by_address.record_failure(client)
-        # The lookup-id budget bounds guessing at a key's secret. A disabled, expired or foreign
-        # key is refused without argon2 and teaches nothing, so it does not spend that budget:
-        # otherwise a revoked client's retries would lock the key out after it is enabled again.
-        if lookup_id is not None and reason not in _REFUSED_WITHOUT_GUESSING:
-            self._by_lookup.record_failure(lookup_id)
+        if not spent:
+            # The lookup-id budgets bound guessing at a key's secret. A disabled, expired or
+            # foreign key is refused without argon2 and teaches nothing, so it does not spend
+            # them: otherwise a revoked client's retries would lock the key out after it is
+            # enabled again.
+            guessed = lookup_id if reason not in _REFUSED_WITHOUT_GUESSING else None
+            self._budgets.record_failure(client_network(client), guessed)
         self._metrics.count_auth_failure(reason)
         self._audit.auth_failed(lookup_id, client, reason, workspace)
 
     async def _verify(self, parsed: ParsedKey, digest: bytes, request: ClientRequest,
                       workspace: str | None) -> Principal:
-        client = self._client_address(request)
-        self._check_budget(client, parsed.lookup_id)
+        network = client_network(self._client_address(request))
+        self._check_budget(network, parsed.lookup_id)
         # What a token's failure means depends on the workspace asked for (a key is "invalid" for
         # every workspace but its own), so negative results and flights are per workspace.
         scoped = digest if workspace is None else digest + b"@" + workspace.encode()
@@ -292,15 +306,18 @@ class Authenticator:
         # agent (or an attacker repeating one guess) shares a single store read and argon2 run, and
         # the verification is its own task, so a client going away cannot cut it short for others.
         flight = self._in_flight.get(scoped)
+        started = flight is None
         if flight is None:
             flight = asyncio.get_running_loop().create_task(
-                self._verify_once(parsed, digest, client, workspace, scoped))
+                self._verify_once(parsed, digest, network, workspace, scoped))
             self._in_flight[scoped] = flight
             flight.add_done_callback(lambda done: self._landed(scoped, done))
         try:
             return await asyncio.shield(flight)
         except InvalidToken as exc:
-            self._fail(parsed.lookup_id, request, exc.reason, workspace)
+            # Others sharing the flight (the same token, perhaps from elsewhere) spend their own.
+            self._fail(parsed.lookup_id, request, exc.reason, workspace,
+                       spent=started and isinstance(exc, _WrongSecret))
             raise InvalidToken(exc.reason) from None
 
     def _landed(self, digest: bytes, flight: asyncio.Task[Principal]) -> None:
@@ -309,7 +326,7 @@ class Authenticator:
         if not flight.cancelled():
             flight.exception()  # retrieved: every waiter may have gone away
 
-    async def _verify_once(self, parsed: ParsedKey, digest: bytes, client: str, workspace: str | None,
+    async def _verify_once(self, parsed: ParsedKey, digest: bytes, network: str, workspace: str | None,
                            scoped: bytes) -> Principal:
         epoch = self._cache.epoch
         record = await self._read(parsed.lookup_id)
@@ -321,25 +338,10 @@ class Authenticator:
             self._cache.remember_bad(scoped, epoch, reason)
             raise InvalidToken(reason)
         assert record is not None
-        # Check the budgets again (others may have spent them while we read the store) and hold
-        # one unit of each while argon2 runs: otherwise N concurrent wrong guesses all pass the
-        # check before the first failure is recorded, and the budget no longer bounds argon2 work.
-        self._check_budget(client, parsed.lookup_id)
-        self._by_address.record_failure(client)
-        self._by_lookup.record_failure(parsed.lookup_id)
-        try:
-            async with self._verify_slots:
-                started = time.perf_counter()
-                ok = await asyncio.get_running_loop().run_in_executor(
-                    self._argon2_threads, self._hasher.verify, record.key_hash, parsed.full)
-                self._metrics.argon2_seconds.observe(time.perf_counter() - started)
-        finally:
-            # Given back either way: a failure is recorded (once) by the caller's _fail.
-            self._by_address.refund(client)
-            self._by_lookup.refund(parsed.lookup_id)
+        ok = await self._queued_verify(network, parsed.lookup_id, record.key_hash, parsed.full)
         if not ok:
             self._cache.remember_bad(scoped, epoch)
-            raise InvalidToken()
+            raise _WrongSecret()
         if epoch != self._cache.epoch:
             # Something was invalidated while we verified: read the key again rather than trust
             # a record that may predate a disable (the refill race).
@@ -355,6 +357,46 @@ class Authenticator:
         self._metrics.cache_size.set(len(self._cache))
         self._last_used.touch(principal.key_id)
         return principal
+
+    async def _queued_verify(self, network: str, lookup_id: str, key_hash: str, full_key: str) -> bool:
+        """argon2 for one attempt, after its turn in the queue: first room in its failure budgets
+        (units held by attempts still being verified are waited for, never refused: a success
+        gives its unit back), then a free slot. Only a full queue refuses (503), and only
+        recorded failures answer 429."""
+        if self._queued >= self._settings.auth.max_queued_verifications:
+            self._metrics.count_auth_failure(VerificationsBusy.reason)
+            raise VerificationsBusy()
+        self._queued += 1
+        queued = True
+        entered = time.perf_counter()
+        try:
+            while True:
+                # Checked again: others may have spent the budgets while we read the store or waited.
+                self._check_budget(network, lookup_id)
+                if self._budgets.try_hold(network, lookup_id):
+                    break
+                released = self._released
+                await released.wait()
+            failed = False
+            try:
+                async with self._verify_slots:
+                    self._queued -= 1
+                    queued = False
+                    started = time.perf_counter()
+                    self._metrics.verification_wait_seconds.observe(started - entered)
+                    ok: bool = await asyncio.get_running_loop().run_in_executor(
+                        self._argon2_threads, self._hasher.verify, key_hash, full_key)
+                    self._metrics.argon2_seconds.observe(time.perf_counter() - started)
+                failed = not ok
+                return ok
+            finally:
+                # A wrong secret spends the held units in the same step (see _WrongSecret).
+                self._budgets.release(network, lookup_id, failed=failed)
+                self._released.set()
+                self._released = asyncio.Event()
+        finally:
+            if queued:
+                self._queued -= 1
 
     def _unusable(self, record: KeyRecord | None, workspace: str | None) -> str | None:
         if record is None:

@@ -111,6 +111,8 @@ def test_unknown_key_is_named(data: dict[str, Any], key: str) -> None:
     ({"argon2": {"time_cost": 0}}, "argon2.time_cost"),
     ({"argon2": {"memory_cost_kib": 8, "parallelism": 2}}, "argon2.memory_cost_kib"),
     ({"auth": {"store_poll_seconds": 5}}, "auth.store_poll_seconds"),
+    ({"auth": {"max_queued_verifications": 0}}, "auth.max_queued_verifications"),
+    ({"auth": {"failures_per_minute_per_lookup_id_total": 0}}, "auth.failures_per_minute_per_lookup_id_total"),
     ({"log_level": "loud"}, "log_level"),
     ({"audit": {"retention_days": 0}}, "audit.retention_days"),
     ({"audit": {"retention_days": 36_501}}, "audit.retention_days"),
