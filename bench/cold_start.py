@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,84 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
-
-REPO = Path(__file__).resolve().parent.parent
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-class Sidecar:
-    """One ``serve`` process; nothing but the listeners, the store and the roles configured."""
-
-    def __init__(self, tmp: Path, upstream: int, store_url: str | None) -> None:
-        self.port, self.admin_port = free_port(), free_port()
-        self.config = tmp / "sidecar.toml"
-        store = f'\n[store]\nurl = "{store_url}"\n' if store_url else ""
-        self.config.write_text(
-            f'workspace = "bench"\ndata_dir = "{tmp / "data"}"\nlog_level = "warning"\n'
-            f'[proxy]\nlisten = "{HOST}:{self.port}"\nupstream = "http://{HOST}:{upstream}"\n'
-            f'[admin]\nlisten = "{HOST}:{self.admin_port}"\n'
-            '[roles.viewer]\ndescription = "bench"\npermissions = ["plans:read"]\n'
-            '[roles.org-admin]\ndescription = "admin"\npermissions = ["org:settings"]\n' + store)
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log = tmp / "sidecar.log"
-
-    def cli(self, *args: str) -> dict[str, Any]:
-        done = subprocess.run([sys.executable, "-m", "sidecar", *args, "--config", str(self.config), "--json"],
-                              cwd=REPO, capture_output=True, text=True, timeout=120, check=True)
-        result: dict[str, Any] = json.loads(done.stdout)
-        return result
-
-    async def start(self) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(  # noqa: ASYNC220 - started once, not on a hot path
-                [sys.executable, "-m", "sidecar", "serve", "--config", str(self.config)],
-                cwd=REPO, stdout=out, stderr=out)
-        deadline = time.monotonic() + 30
-        async with aiohttp.ClientSession() as http:
-            while time.monotonic() < deadline:
-                try:
-                    async with http.get(f"http://{HOST}:{self.admin_port}/readyz") as resp:
-                        if resp.status == 200:
-                            return
-                except aiohttp.ClientError:
-                    pass
-                await asyncio.sleep(0.05)
-        raise RuntimeError(f"the sidecar did not become ready; see {self.log}")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.proc = None
-
-
-async def trivial_upstream() -> tuple[web.AppRunner, int]:
-    async def ok(_: web.Request) -> web.Response:
-        return web.json_response({"jsonrpc": "2.0", "id": 1, "result": {}})
-
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", ok)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, HOST, port).start()
-    return runner, port
-
-
-def pct(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+from replicas import HOST, Sidecar, pct, trivial_upstream  # bench/ is on sys.path when run
 
 
 async def create_keys(sidecar: Sidecar, admin_key: str, count: int) -> list[str]:
@@ -169,7 +89,7 @@ async def main(args: argparse.Namespace) -> int:
         server = await asyncpg.connect(args.postgres_url)
         await server.execute(f"CREATE DATABASE {database}")
         store_url = args.postgres_url.rsplit("/", 1)[0] + "/" + database
-    sidecar = Sidecar(tmp, upstream, store_url)
+    sidecar = Sidecar(tmp, "sidecar", upstream, store_url)
     try:
         admin_key = sidecar.cli("keys", "create", "--name", "ops", "--role", "org-admin")["key"]
         await sidecar.start()

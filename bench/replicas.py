@@ -55,7 +55,6 @@ class Sidecar:
             f'workspace = "bench"\ndata_dir = "{tmp / (name + "-data")}"\nlog_level = "warning"\n'
             f'[proxy]\nlisten = "{HOST}:{self.port}"\nupstream = "http://{HOST}:{upstream}"\n'
             f'[admin]\nlisten = "{HOST}:{self.admin_port}"\n'
-            '[auth]\nfailures_per_minute_per_address = 100000\n'
             '[roles.viewer]\ndescription = "bench"\npermissions = ["plans:read"]\n'
             '[roles.org-admin]\ndescription = "admin"\npermissions = ["org:settings"]\n' + store)
         self.proc: subprocess.Popen[bytes] | None = None
