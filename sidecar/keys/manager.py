@@ -71,14 +71,17 @@ def validate_rate_limit(value: object, field: str = "rate_limit") -> str | None:
         return None
     if value == UNLIMITED:
         return UNLIMITED
+    expected = (f"{field} must be N/second, N/minute or N/hour (N from 1 to 999999999, e.g. 600/minute), "
+                "\"unlimited\", or null for the roles' limit")
     if not isinstance(value, str):
-        raise InvalidInput("invalid_rate_limit", f"{field} must be a string such as \"600/minute\", "
-                                                 "\"unlimited\", or null for the roles' limit", field)
+        raise InvalidInput("invalid_rate_limit", expected, field)
     try:
         return str(parse_rate_limit(value))
-    except ValueError as exc:
-        raise InvalidInput("invalid_rate_limit", f"{field}: {exc}, or \"unlimited\", or null for the "
-                                                 "roles' limit", field) from None
+    except ValueError:
+        # Only the start of a long value is echoed: the message is one line of an error body or
+        # of the CLI's stderr.
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidInput("invalid_rate_limit", f"{expected}; got {shown!r}", field) from None
 
 
 def validate_name(name: object, field: str = "name") -> str:
