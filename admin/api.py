@@ -102,6 +102,7 @@ class KeyApi:
         router.add_get(f"{API}/keys", self.list_keys, allow_head=False)
         router.add_post(f"{API}/keys", self.create_key)
         router.add_get(f"{API}/keys/{{id}}", self.get_key, allow_head=False)
+        router.add_patch(f"{API}/keys/{{id}}", self.update_key)
         router.add_post(f"{API}/keys/{{id}}/disable", self.disable_key)
         router.add_post(f"{API}/keys/{{id}}/enable", self.enable_key)
         router.add_post(f"{API}/keys/{{id}}/rotate", self.rotate_key)
@@ -136,7 +137,7 @@ class KeyApi:
 
     async def create_key(self, request: web.Request) -> web.Response:
         caller = await self._access.caller(request)
-        body = await read_object(request, ("name", "roles", "expires_at"))
+        body = await read_object(request, ("name", "roles", "expires_at", "rate_limit"))
         if "name" not in body:
             raise ApiError(422, "missing_field", "name is required", "name")
         if "roles" not in body:
@@ -144,7 +145,7 @@ class KeyApi:
                            {"valid_roles": sorted(self._settings.roles)})
         record, full = await self._services.keys.create(
             name=body["name"], roles=body["roles"], expires_at=body.get("expires_at"),
-            actor=caller.name, client=caller.client, workspace=caller.workspace)
+            rate_limit=body.get("rate_limit"), actor=caller.name, client=caller.client, workspace=caller.workspace)
         # The full key leaves the server in this one response and is never stored (docs/reference/keys.md).
         return json_response(201, {**self._key(record), "key": full},
                              headers={"Location": f"{API}/keys/{record.id}"})
@@ -152,6 +153,21 @@ class KeyApi:
     async def get_key(self, request: web.Request) -> web.Response:
         caller = await self._access.caller(request)
         record = await self._services.keys.get(request.match_info["id"], caller.workspace)
+        return json_response(200, self._key(record))
+
+    async def update_key(self, request: web.Request) -> web.Response:
+        """A merge patch (RFC 7396) of the key's changeable fields; today only ``rate_limit``
+        (docs/reference/limits.md). A member left out is left as it is; ``null`` hands the key back
+        to its roles' limit."""
+        caller = await self._access.caller(request)
+        key_id = request.match_info["id"]
+        # Unknown key or another workspace's: 404 before the body is judged, as for every key route.
+        await self._services.keys.get(key_id, caller.workspace)
+        body = await read_object(request, ("rate_limit",))
+        if not body:
+            raise ApiError(422, "missing_field", "nothing to change: send rate_limit", "rate_limit")
+        record = await self._services.keys.set_rate_limit(key_id, body["rate_limit"], actor=caller.name,
+                                                          client=caller.client, workspace=caller.workspace)
         return json_response(200, self._key(record))
 
     async def _set_status(self, request: web.Request, status: str) -> web.Response:
@@ -185,8 +201,10 @@ class KeyApi:
     async def list_roles(self, request: web.Request) -> web.Response:
         await self._access.caller(request)
         # tools: the role's tool-name patterns; null means every tool (docs/reference/config.md).
+        # rate_limit: null means unlimited (docs/reference/limits.md).
         roles = [{"name": role.name, "description": role.description, "permissions": sorted(role.permissions),
-                  "tools": None if role.tools is None else list(role.tools)}
+                  "tools": None if role.tools is None else list(role.tools),
+                  "rate_limit": None if role.rate_limit is None else str(role.rate_limit)}
                  for role in sorted(self._settings.roles.values(), key=lambda r: r.name)]
         return json_response(200, {"roles": roles})
 

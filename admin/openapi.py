@@ -12,6 +12,11 @@ from sidecar.keys.listing import DEFAULT_LIMIT, DEFAULT_SORT, MAX_LIMIT, SORTS
 
 _TIME = {"type": "string", "format": "date-time"}
 _TIME_OR_NULL = {"type": ["string", "null"], "format": "date-time"}
+# A rate limit (docs/reference/limits.md): N/second, N/minute or N/hour with N from 1 to 999999999.
+_RATE_PATTERN = "^[1-9][0-9]{0,8}/(second|minute|hour)$"
+_RATE_LIMIT = {"type": "string", "pattern": "^(unlimited|[1-9][0-9]{0,8}/(second|minute|hour))$",
+               "examples": ["600/minute", "unlimited"]}
+_RATE_LIMIT_OR_NULL = {**_RATE_LIMIT, "type": ["string", "null"]}
 
 
 def _ref(name: str) -> dict[str, str]:
@@ -132,6 +137,20 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                 "security": _READ_SECURITY, "parameters": [_KEY_ID],
                 "responses": {"200": _json(_ref("Key"), "The key"), **_errors("401", "403", "404", "429")},
             },
+            "patch": {
+                "operationId": "updateKey", "tags": ["keys"],
+                "summary": "Change a key's own rate limit (a JSON merge patch, RFC 7396)",
+                "description": "Members left out stay as they are. `rate_limit`: \"N/second\", \"N/minute\" "
+                               "or \"N/hour\", \"unlimited\", or null to use the key's roles' limit again. "
+                               "Audited as key.updated; every replica holds the key's next request to "
+                               "the new limit.",
+                "security": _WRITE_SECURITY, "parameters": [_KEY_ID],
+                "requestBody": {"required": True, "content": {
+                    "application/merge-patch+json": {"schema": _ref("UpdateKeyRequest")},
+                    "application/json": {"schema": _ref("UpdateKeyRequest")}}},
+                "responses": {"200": _json(_ref("Key"), "The key after the change"),
+                              **_errors("400", "401", "403", "404", "413", "422", "429")},
+            },
         },
         "/admin/api/keys/{id}/disable": {
             "post": {"operationId": "disableKey", "tags": ["keys"],
@@ -211,6 +230,13 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
         "disabled_at": _TIME_OR_NULL,
         "expires_at": _TIME_OR_NULL,
         "disable_at": {**_TIME_OR_NULL, "description": "When a disable scheduled by a rotation takes effect"},
+        "rate_limit": {**_RATE_LIMIT_OR_NULL,
+                       "description": "The key's own rate limit; null: its roles' (effective_rate_limit)"},
+        "effective_rate_limit": {**_RATE_LIMIT,
+                                 "description": "The limit its requests are held to: its own, else the most "
+                                                "generous of its roles'"},
+        "rate_limit_source": {"type": "string", "enum": ["key", "roles"],
+                              "description": "Where effective_rate_limit comes from"},
     }
     full_key = {"type": "string", "pattern": "^tak_[0-9A-Za-z]{46}$",
                 "description": "The full key. Shown only in this response; store it now."}
@@ -244,6 +270,15 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                 "roles": {"type": "array", "items": {"type": "string"}, "minItems": 1,
                           "description": "Role names from GET /admin/api/roles"},
                 "expires_at": {**_TIME_OR_NULL, "description": "RFC 3339 with a time zone, in the future"},
+                "rate_limit": {**_RATE_LIMIT_OR_NULL,
+                               "description": "The key's own rate limit; absent or null: its roles'"},
+            },
+        },
+        "UpdateKeyRequest": {
+            "type": "object", "minProperties": 1, "additionalProperties": False,
+            "properties": {
+                "rate_limit": {**_RATE_LIMIT_OR_NULL,
+                               "description": "The key's own rate limit; null: its roles' again"},
             },
         },
         "RotateKeyRequest": {
@@ -255,12 +290,15 @@ def openapi_document(cookie_name: str) -> dict[str, Any]:
                                    "description": "When to disable the old key (RFC 3339, in the future)"},
             },
         },
-        "Role": {"type": "object", "required": ["name", "description", "permissions", "tools"],
+        "Role": {"type": "object", "required": ["name", "description", "permissions", "tools", "rate_limit"],
                  "properties": {"name": {"type": "string"}, "description": {"type": "string"},
                                 "permissions": {"type": "array", "items": {"type": "string"}},
                                 "tools": {"type": ["array", "null"], "items": {"type": "string"},
                                           "description": "fnmatch patterns of the MCP tools the role "
-                                                         "may see and call; null: every tool"}}},
+                                                         "may see and call; null: every tool"},
+                                "rate_limit": {"type": ["string", "null"], "pattern": _RATE_PATTERN,
+                                               "description": "Requests a key with this role may make "
+                                                              "(N/second|minute|hour); null: unlimited"}}},
         "RoleList": {"type": "object", "required": ["roles"],
                      "properties": {"roles": {"type": "array", "items": _ref("Role")}}},
         "AuditEvent": {

@@ -1,14 +1,16 @@
 """The ``toolio-sidecar`` command line (docs/reference/config.md): parse args, load settings, run.
 
     toolio-sidecar serve [--config PATH]
-    toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--json]
+    toolio-sidecar keys create --name NAME --role ROLE [--role ROLE ...] [--expires-at T] [--rate-limit L] [--json]
     toolio-sidecar keys list [--search TEXT] [--status S] [--role ROLE] [--sort SORT] [--json]
     toolio-sidecar keys show|disable|enable KEY [--json]          (KEY: an id or a name)
     toolio-sidecar keys rotate KEY --name NEW [--disable-old-at T] [--json]
+    toolio-sidecar keys update KEY --rate-limit N/second|N/minute|N/hour|unlimited|roles [--json]
     toolio-sidecar keys generate [--json]
-    toolio-sidecar keys import --name NAME --role ROLE [--role ROLE ...] [--json]   (value on stdin or in an env var)
+    toolio-sidecar keys import --name NAME --role ROLE [--role ROLE ...] [--rate-limit L] [--json]
+                                                       (value on stdin or in an env var)
     toolio-sidecar audit list [--key KEY] [--action ACTION] [--limit N] [--before ID] [--json]
-    (with [workspaces]: --workspace NAME on keys create|list|show|disable|enable|rotate and audit list)
+    (with [workspaces]: --workspace NAME on keys create|list|show|disable|enable|rotate|update and audit list)
     toolio-sidecar demo
     toolio-sidecar completion bash|zsh
     toolio-sidecar --version
@@ -68,6 +70,10 @@ from sidecar.settings import CONFIG_ENV, Settings, SettingsError, host_workspace
 _KEY_ID_ARG = re.compile(r"[A-Za-z0-9._-]{1,128}")
 _PORT_ARG = re.compile(r"[0-9]{1,5}")
 _ACTION_ARG = re.compile(r"[a-z0-9_.-]{1,64}")
+# `keys update --rate-limit roles`: the key's own limit goes, its roles' applies again (the admin
+# API's null, docs/reference/cli.md).
+ROLES_LIMIT = "roles"
+RATE_LIMIT_HELP = "N/second, N/minute or N/hour (e.g. 600/minute), or unlimited"
 # Exit status when stdout's reader has gone: what a shell reports for a command SIGPIPE ended.
 BROKEN_PIPE = 141
 AUDIT_PAGE = 500
@@ -121,6 +127,8 @@ def _parser() -> argparse.ArgumentParser:
     create.add_argument("--name", required=True)
     create.add_argument("--role", action="append", required=True, dest="roles")
     create.add_argument("--expires-at", help="RFC 3339 time after which the key stops working")
+    create.add_argument("--rate-limit", metavar="LIMIT",
+                        help=f"the key's own rate limit: {RATE_LIMIT_HELP} (default: {ROLES_LIMIT}, its roles')")
     listing = with_config(keys.add_parser("list", help="list keys (every page of them)"))
     listing.add_argument("--search", metavar="TEXT", help="only keys whose name contains TEXT (any case)")
     listing.add_argument("--status", metavar="STATUS", help="only enabled or disabled keys")
@@ -134,8 +142,12 @@ def _parser() -> argparse.ArgumentParser:
     rotate.add_argument("id", metavar="KEY", help="the key's id (key_...) or name")
     rotate.add_argument("--name", required=True)
     rotate.add_argument("--disable-old-at", help="RFC 3339 time to disable the old key")
+    update = with_config(keys.add_parser("update", help="change a key's own rate limit"))
+    update.add_argument("id", metavar="KEY", help="the key's id (key_...) or name")
+    update.add_argument("--rate-limit", metavar="LIMIT", required=True,
+                        help=f"{RATE_LIMIT_HELP}, or {ROLES_LIMIT} (back to its roles' limit)")
     _add_bootstrap_commands(keys, with_config)
-    for verb in ("create", "list", "show", "disable", "enable", "rotate", "import"):
+    for verb in ("create", "list", "show", "disable", "enable", "rotate", "update", "import"):
         keys.choices[verb].add_argument(
             "--workspace", metavar="NAME",
             help="the key's workspace (with [workspaces]: required by create and import; "
@@ -239,6 +251,18 @@ def _print_key(data: dict[str, Any], as_json: bool) -> None:
                   "last_used_at", "disabled_at", "expires_at", "disable_at"):
         value = data.get(field)
         print(f"{field:>13}: {', '.join(value) if isinstance(value, list) else value if value else '-'}")
+    print(f"{'rate_limit':>13}: {_rate_limit_text(data)}")
+
+
+def _own_limit(option: str | None) -> str | None:
+    """``--rate-limit``'s value as the key manager takes it: ``roles`` (or no option) is None."""
+    return None if option is None or option == ROLES_LIMIT else option
+
+
+def _rate_limit_text(data: dict[str, Any]) -> str:
+    """``600/minute (roles)`` or ``100/second (own)``: what holds the key and where it comes from."""
+    source = "own" if data["rate_limit_source"] == "key" else "roles"
+    return f"{data['effective_rate_limit']} ({source})"
 
 
 def _refuse(exc: KeyDomainError, as_json: bool) -> int:
@@ -275,7 +299,7 @@ def _key_ref(args: argparse.Namespace, attribute: str) -> str | None:
 
 def _list_line(key: dict[str, Any]) -> str:
     return (f"{key['id']:<21} {key['name']:<24} {key['preview']:<12} {key['status']:<9} "
-            f"{','.join(key['roles']):<24} {key['last_used_at'] or '-'}")
+            f"{','.join(key['roles']):<24} {_rate_limit_text(key):<26} {key['last_used_at'] or '-'}")
 
 
 def _keys(args: argparse.Namespace, settings: Settings) -> int:
@@ -295,7 +319,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
         verb = args.keys_command
         if verb == "create":
             record, full = await manager.create(name=args.name, roles=args.roles, actor="cli",
-                                                client=None, expires_at=args.expires_at, workspace=workspace)
+                                                client=None, expires_at=args.expires_at,
+                                                rate_limit=_own_limit(args.rate_limit), workspace=workspace)
         elif verb == "rotate":
             assert ref is not None
             old = await manager.find(ref, workspace)
@@ -321,7 +346,8 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             # With [workspaces] one list may span workspaces: say whose each key is.
             ws = settings.multi_workspace
             print(("WORKSPACE            " if ws else "")
-                  + f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} LAST USED")
+                  + f"{'ID':<21} {'NAME':<24} {'KEY':<12} {'STATUS':<9} {'ROLES':<24} {'RATE LIMIT':<26} "
+                  "LAST USED")
             # A page at a time: the first lines come at once however many keys there are.
             async for page in manager.pages(query):
                 for record in page:
@@ -330,7 +356,10 @@ def _keys(args: argparse.Namespace, settings: Settings) -> int:
             return 0
         assert ref is not None
         record = await manager.find(ref, workspace)
-        if verb != "show":
+        if verb == "update":
+            record = await manager.set_rate_limit(record.id, _own_limit(args.rate_limit), actor="cli", client=None,
+                                                  workspace=record.workspace)
+        elif verb != "show":
             record = await manager.set_status(record.id, DISABLED if verb == "disable" else ENABLED,
                                               actor="cli", client=None, workspace=record.workspace)
         _print_key(key_json(record, settings), as_json)
@@ -494,6 +523,8 @@ def _add_bootstrap_commands(keys: Any,
         "import", help=f"store a key value read from ${IMPORT_KEY_ENV} or standard input; idempotent"))
     imported.add_argument("--name", required=True)
     imported.add_argument("--role", action="append", required=True, dest="roles")
+    imported.add_argument("--rate-limit", metavar="LIMIT",
+                          help=f"the key's own rate limit: {RATE_LIMIT_HELP} (default: its roles')")
 
 
 def _generate(as_json: bool) -> int:
@@ -534,13 +565,17 @@ def _import(args: argparse.Namespace, settings: Settings) -> int:
             audit = AuditLog(store, JsonLog(stream=sys.stderr, level="warning"), Metrics(CollectorRegistry()),
                              settings.workspace)
             result = await import_key(settings, store, KeyHasher(settings.argon2), audit, value=value,
-                                      name=args.name, roles=args.roles, actor="cli", workspace=workspace)
+                                      name=args.name, roles=args.roles, actor="cli", workspace=workspace,
+                                      rate_limit=_own_limit(args.rate_limit))
         finally:
             await store.close()
         data = key_json(result.record, settings)
         if result.roles_differ:
             print(f"note: key {result.record.name} keeps its roles ({', '.join(data['roles'])}); import never "
                   "changes an existing key", file=sys.stderr)
+        if result.rate_limit_differs:
+            print(f"note: key {result.record.name} keeps its rate limit ({_rate_limit_text(data)}); import never "
+                  "changes an existing key (use keys update)", file=sys.stderr)
         if as_json:
             print(json.dumps({**data, "imported": result.imported}, indent=2))
         else:

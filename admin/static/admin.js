@@ -140,7 +140,8 @@
 
   // ---- views -------------------------------------------------------------------------------
 
-  const DIALOGS = ["add-dialog", "key-dialog", "rotate-dialog", "detail-dialog", "confirm-dialog", "activity-dialog"];
+  const DIALOGS = ["add-dialog", "key-dialog", "rotate-dialog", "limit-dialog", "detail-dialog", "confirm-dialog",
+    "activity-dialog"];
 
   function showLogin(message) {
     state.csrf = null;
@@ -344,8 +345,9 @@
         return el("label", { class: "check" }, box,
           el("span", { class: "check-text" }, el("span", { class: "check-name", text: role.name }),
             el("span", { class: "check-hint", id: hint,
-              text: [role.description, role.permissions.join(", "), `tools: ${toolsText(role.tools)}`]
-                .filter(Boolean).join(" · ") })));
+              // A role without a rate limit is unlimited: nothing to say (docs/reference/limits.md).
+              text: [role.description, role.permissions.join(", "), `tools: ${toolsText(role.tools)}`,
+                role.rate_limit ? `rate limit: ${role.rate_limit}` : ""].filter(Boolean).join(" · ") })));
       }));
       const filter = $("filter-role");
       const chosen = filter.value;
@@ -648,6 +650,7 @@
       menuItem("View details", "menu-item-details", () => openDetails(keyId, invoker)),
       menuItem("Activity", "menu-item-activity", () => openActivity(keyId, invoker)),
       menuItem("Rotate…", "menu-item-rotate", () => openRotate(keyId, invoker)),
+      menuItem("Set rate limit…", "menu-item-limit", () => openLimit(keyId, invoker)),
       el("div", { class: "menu-sep", role: "separator" }),
       menuItem(action === "disable" ? "Disable" : "Enable", `menu-item-${action}`, () => setStatus(keyId, action, false)),
     );
@@ -743,6 +746,9 @@
     if (expiry === "") return fieldError("add", "expires_at", "Pick the date and time when the key expires.");
     const body = { name, roles };
     if (expiry) body.expires_at = expiry;
+    // Empty: no limit of its own, its roles' applies (docs/reference/limits.md).
+    const rateLimit = $("key-rate-limit").value.trim();
+    if (rateLimit) body.rate_limit = rateLimit;
     const save = $("add-save");
     save.disabled = true;
     try {
@@ -753,7 +759,7 @@
       replaceKey(publicPart);
       showKey(key, publicPart, null);
     } catch (err) {
-      if (["name", "roles", "expires_at"].includes(err.field)) fieldError("add", err.field, err.message);
+      if (["name", "roles", "expires_at", "rate_limit"].includes(err.field)) fieldError("add", err.field, err.message);
       else if (err.status !== 401) showAlert($("add-error"), err.message);
     } finally {
       save.disabled = false;
@@ -761,8 +767,10 @@
   }
 
   const FIELDS = {
-    add: { error: "add-error", name: "key-name", roles: "key-roles", expires_at: "key-expiry" },
+    add: { error: "add-error", name: "key-name", roles: "key-roles", expires_at: "key-expiry",
+      rate_limit: "key-rate-limit" },
     rotate: { error: "rotate-error", name: "rotate-name", disable_old_at: "rotate-disable" },
+    limit: { error: "limit-error", rate_limit: "limit-value" },
   };
 
   function fieldError(form, field, message) {
@@ -854,6 +862,53 @@
     }
   }
 
+  // ---- a key's own rate limit (PATCH api/keys/{id}, docs/reference/limits.md) -----------------
+
+  let limiting = null;
+
+  // "600/minute (its own)" or "600/minute (from its roles)": what holds the key, and why.
+  function rateLimitText(key) {
+    return `${key.effective_rate_limit} (${key.rate_limit_source === "key" ? "its own" : "from its roles"})`;
+  }
+
+  function openLimit(keyId, invoker) {
+    const key = findKey(keyId) || (detailKey && detailKey.id === keyId ? detailKey : null);
+    if (!key) return;
+    limiting = key;
+    $("limit-form").reset();
+    clearFieldErrors("limit");
+    $("limit-title").textContent = `Rate limit of ${key.name}`;
+    $("limit-value").value = key.rate_limit || "";
+    $("limit-value").placeholder = key.rate_limit_source === "roles"
+      ? `Its roles' limit: ${key.effective_rate_limit}` : "Its roles' limit";
+    returnFocus = invoker || null;
+    $("limit-dialog").showModal();
+    $("limit-value").focus();
+    $("limit-value").select();
+  }
+
+  async function saveLimit(event) {
+    event.preventDefault();
+    const key = limiting;
+    const value = $("limit-value").value.trim();
+    clearFieldErrors("limit");
+    const save = $("limit-save");
+    save.disabled = true;
+    try {
+      // A JSON merge patch (RFC 7396): null removes the key's own limit.
+      const updated = await api("PATCH", `keys/${encodeURIComponent(key.id)}`, { rate_limit: value || null });
+      $("limit-dialog").close();
+      replaceKey(updated);
+      if (detailKey && detailKey.id === updated.id && $("detail-dialog").open) fillDetails(updated);
+      announce(`${updated.name}: rate limit ${rateLimitText(updated)}.`);
+    } catch (err) {
+      if (err.field === "rate_limit") fieldError("limit", "rate_limit", err.message);
+      else if (err.status !== 401) showAlert($("limit-error"), err.message);
+    } finally {
+      save.disabled = false;
+    }
+  }
+
   // ---- key details ----------------------------------------------------------------------------
 
   let detailKey = null;
@@ -881,6 +936,7 @@
       ...detailRow("Last used", when(key.last_used_at, "Never")),
       ...detailRow("Expires", when(key.expires_at, "Never")),
       ...detailRow("Scheduled disable", when(key.disable_at, "None")),
+      ...detailRow("Rate limit", rateLimitText(key)),
       ...(key.disabled_at ? detailRow("Disabled", when(key.disabled_at, "—")) : []),
     );
     $("detail-toggle").textContent = key.status === "enabled" ? "Disable" : "Enable";
@@ -1002,6 +1058,7 @@
     "key.disabled": "Key disabled",
     "key.enabled": "Key enabled",
     "key.rotated": "Key rotated",
+    "key.updated": "Key updated",
     "key.expired": "Key expired",
     "key.imported": "Key imported",
     "admin.login": "Signed in",
@@ -1015,6 +1072,10 @@
     const details = event.details || {};
     if (event.action === "tool.called") return `${details.tool} · ${details.outcome}`;
     if (event.action === "auth.failed" && details.count) return `${details.count} attempt${details.count === 1 ? "" : "s"}`;
+    if (event.action === "key.updated" && details.rate_limit) {
+      const limit = (value) => value || "roles'";
+      return `rate limit ${limit(details.rate_limit.from)} → ${limit(details.rate_limit.to)}`;
+    }
     return "";
   }
 
@@ -1218,6 +1279,7 @@
       if (!$("key-expiry-at").hidden) $("key-expiry-at").focus();
     });
     $("key-expiry-at").addEventListener("input", () => clearOnEdit("add", "expires_at"));
+    $("key-rate-limit").addEventListener("input", () => clearOnEdit("add", "rate_limit"));
     $("add-dialog").addEventListener("close", restoreFocus);
     // Rotate.
     $("rotate-cancel").addEventListener("click", () => $("rotate-dialog").close());
@@ -1230,6 +1292,14 @@
     });
     $("rotate-disable-at").addEventListener("input", () => clearOnEdit("rotate", "disable_old_at"));
     $("rotate-dialog").addEventListener("close", restoreFocus);
+    // Rate limit.
+    $("limit-cancel").addEventListener("click", () => $("limit-dialog").close());
+    $("limit-form").addEventListener("submit", saveLimit);
+    $("limit-value").addEventListener("input", () => clearOnEdit("limit", "rate_limit"));
+    $("limit-dialog").addEventListener("close", () => {
+      limiting = null;
+      restoreFocus();
+    });
     // Details.
     $("detail-close").addEventListener("click", () => $("detail-dialog").close());
     $("detail-rotate").addEventListener("click", () => detailKey && openRotate(detailKey.id, $("detail-rotate")));

@@ -23,6 +23,7 @@ KEY_CREATED = "key.created"
 KEY_DISABLED = "key.disabled"
 KEY_ENABLED = "key.enabled"
 KEY_ROTATED = "key.rotated"
+KEY_UPDATED = "key.updated"  # details: {"<field>": {"from": ..., "to": ...}} (today: rate_limit)
 KEY_IMPORTED = "key.imported"
 KEY_EXPIRED = "key.expired"
 ADMIN_LOGIN = "admin.login"

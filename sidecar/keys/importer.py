@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sidecar.keys.audit import KEY_IMPORTED, AuditLog
 from sidecar.keys.errors import InvalidInput
 from sidecar.keys.format import KeyFormatError, KeyHasher, parse_key
-from sidecar.keys.manager import new_key_id, validate_name, validate_roles
+from sidecar.keys.manager import new_key_id, validate_name, validate_rate_limit, validate_roles
 from sidecar.keys.records import ENABLED, KeyRecord, utcnow
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore
 from sidecar.settings import Settings
@@ -31,6 +31,7 @@ class ImportResult:
     record: KeyRecord
     imported: bool          # False: the same key was already there (a no-op)
     roles_differ: bool      # already there, with other roles than asked (left as they are)
+    rate_limit_differs: bool = False  # already there, with another own rate limit (left as it is)
 
 
 def _bad_value(message: str) -> InvalidInput:
@@ -39,9 +40,10 @@ def _bad_value(message: str) -> InvalidInput:
 
 async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, audit: AuditLog, *,
                      value: str, name: object, roles: object, actor: str,
-                     workspace: str | None = None) -> ImportResult:
-    """Store ``value`` (a full ``tak_`` key) as the key ``name`` with ``roles`` in ``workspace``
-    (default: the configured one; required with [workspaces]), or find it there."""
+                     workspace: str | None = None, rate_limit: object = None) -> ImportResult:
+    """Store ``value`` (a full ``tak_`` key) as the key ``name`` with ``roles`` (and its own
+    ``rate_limit``, None: its roles') in ``workspace`` (default: the configured one; required
+    with [workspaces]), or find it there."""
     home = workspace if workspace is not None else (None if settings.multi_workspace else settings.workspace)
     if home is None:
         # As `keys create`: with [workspaces] no workspace is the default one (docs/reference/cli.md).
@@ -49,6 +51,7 @@ async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, aud
                            "workspace")
     valid_name = validate_name(name)
     valid_roles = validate_roles(roles, settings)
+    own_limit = validate_rate_limit(rate_limit)
     try:
         parsed = parse_key(value)
     except KeyFormatError as exc:
@@ -57,14 +60,15 @@ async def import_key(settings: Settings, store: KeyStore, hasher: KeyHasher, aud
     for _ in range(2):  # a second pass only after losing an insert race (another pod importing too)
         existing = await _already_there(store, hasher, home, parsed.lookup_id, parsed.full, valid_name)
         if existing is not None:
-            return ImportResult(existing, imported=False, roles_differ=existing.roles != valid_roles)
+            return ImportResult(existing, imported=False, roles_differ=existing.roles != valid_roles,
+                                rate_limit_differs=existing.rate_limit != own_limit)
         key_hash = await asyncio.to_thread(hasher.hash, parsed.full)
         record = KeyRecord(
             id=new_key_id(), lookup_id=parsed.lookup_id, name=valid_name, roles=valid_roles,
             workspace=home, status=ENABLED, created_at=utcnow(), created_by=actor,
-            key_hash=key_hash)
+            key_hash=key_hash, rate_limit=own_limit)
         event = audit.event(KEY_IMPORTED, actor, key_id=record.id, key_name=record.name, client=None,
-                            workspace=home, details={"roles": list(valid_roles)})
+                            workspace=home, details={"roles": list(valid_roles), "rate_limit": own_limit})
         try:
             stored = await store.insert_key(record, [event])
         except (DuplicateName, DuplicateLookupId):

@@ -15,13 +15,13 @@ from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
-from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, AuditLog
+from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTATED, KEY_UPDATED, AuditLog
 from sidecar.keys.errors import InvalidInput, KeyNotFound, NameTaken
 from sidecar.keys.format import ALPHABET, KeyHasher, generate_key, preview
 from sidecar.keys.listing import MAX_LIMIT, KeyPage, KeyQuery
 from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
-from sidecar.settings import Settings
+from sidecar.settings import UNLIMITED, Settings, parse_rate_limit
 
 NAME_RULE = re.compile(r"[A-Za-z0-9._-]{1,64}")
 ChangeHook = Callable[[KeyRecord], None]
@@ -48,7 +48,40 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
         "expires_at": to_rfc3339(record.expires_at),
         # When a disable scheduled by a rotation takes effect (docs/reference/keys.md, Rotation).
         "disable_at": to_rfc3339(record.disable_at),
+        # The key's own limit (null: its roles'), and what applies (docs/reference/limits.md).
+        "rate_limit": record.rate_limit,
+        "effective_rate_limit": effective_rate_limit(record, settings),
+        "rate_limit_source": "roles" if record.rate_limit is None else "key",
     }
+
+
+def effective_rate_limit(record: KeyRecord, settings: Settings) -> str:
+    """The limit the key's requests are held to: its own, else the most generous of its roles'
+    (docs/reference/limits.md); "unlimited" when there is none."""
+    if record.rate_limit is not None:
+        return record.rate_limit
+    limit = settings.rate_limit_for(record.roles)
+    return UNLIMITED if limit is None else str(limit)
+
+
+def validate_rate_limit(value: object, field: str = "rate_limit") -> str | None:
+    """A key's own rate limit as stored: "N/second|minute|hour" (canonical), "unlimited", or
+    None (its roles' limit); anything else is the 422 naming ``field``."""
+    if value is None:
+        return None
+    if value == UNLIMITED:
+        return UNLIMITED
+    expected = (f"{field} must be N/second, N/minute or N/hour (N from 1 to 999999999, e.g. 600/minute), "
+                "\"unlimited\", or null for the roles' limit")
+    if not isinstance(value, str):
+        raise InvalidInput("invalid_rate_limit", expected, field)
+    try:
+        return str(parse_rate_limit(value))
+    except ValueError:
+        # Only the start of a long value is echoed: the message is one line of an error body or
+        # of the CLI's stderr.
+        shown = value if len(value) <= 40 else value[:40] + "..."
+        raise InvalidInput("invalid_rate_limit", f"{expected}; got {shown!r}", field) from None
 
 
 def validate_name(name: object, field: str = "name") -> str:
@@ -123,7 +156,7 @@ class KeyManager:
         return None if self._settings.multi_workspace else self._settings.workspace
 
     async def create(self, *, name: object, roles: object, actor: str, client: str | None,
-                     expires_at: object = None, extra_audit: Sequence[Any] = (),
+                     expires_at: object = None, rate_limit: object = None, extra_audit: Sequence[Any] = (),
                      details: Mapping[str, Any] | None = None, workspace: str | None = None) -> tuple[KeyRecord, str]:
         """Create a key in ``workspace`` (required with [workspaces]); returns the record and the
         full key (the only time it exists)."""
@@ -134,6 +167,7 @@ class KeyManager:
         valid_name = validate_name(name)
         valid_roles = validate_roles(roles, self._settings)
         expiry = parse_time(expires_at, "expires_at")
+        own_limit = validate_rate_limit(rate_limit)
         for _ in range(5):  # a lookup-id collision (62**8 space) is astronomically rare; retry
             key = generate_key()
             key_hash = await asyncio.to_thread(self._hasher.hash, key.full)
@@ -141,11 +175,12 @@ class KeyManager:
             record = KeyRecord(
                 id=new_key_id(), lookup_id=key.lookup_id, name=valid_name, roles=valid_roles,
                 workspace=home, status=ENABLED, created_at=now, created_by=actor,
-                key_hash=key_hash, expires_at=expiry,
+                key_hash=key_hash, expires_at=expiry, rate_limit=own_limit,
             )
             event = self._audit.event(KEY_CREATED, actor, key_id=record.id, key_name=record.name,
                                       client=client, workspace=home, details={"roles": list(valid_roles),
                                                               "expires_at": to_rfc3339(expiry),
+                                                              "rate_limit": own_limit,
                                                               **(details or {})})
             try:
                 stored = await self._store.insert_key(record, [event, *extra_audit])
@@ -226,9 +261,30 @@ class KeyManager:
         self._audit.emitted(event)
         return updated
 
+    async def set_rate_limit(self, key_id: str, rate_limit: object, *, actor: str, client: str | None,
+                             workspace: str | None = None) -> KeyRecord:
+        """Give the key its own rate limit, or (None) hand it back to its roles'. The change is
+        audited (``key.updated``) and every process's cache reads the key again, so its next
+        request is held to the new limit (docs/reference/limits.md)."""
+        current = await self.get(key_id, workspace)
+        wanted = validate_rate_limit(rate_limit)
+        if wanted == current.rate_limit:
+            return current  # nothing changes: no event, no cache churn
+        event = self._audit.event(KEY_UPDATED, actor, key_id=current.id, key_name=current.name, client=client,
+                                  workspace=current.workspace,
+                                  details={"rate_limit": {"from": current.rate_limit, "to": wanted}})
+        updated = await self._store.set_rate_limit(current.id, wanted, event)
+        if updated is None:
+            raise KeyNotFound(key_id)
+        if self._on_change is not None:
+            self._on_change(updated)
+        self._audit.emitted(event)
+        return updated
+
     async def rotate(self, key_id: str, *, name: object, actor: str, client: str | None,
                      disable_old_at: object = None, workspace: str | None = None) -> tuple[KeyRecord, str, KeyRecord]:
-        """New key with the old key's roles (in its workspace); optionally schedule the old one's disable."""
+        """New key with the old key's roles and own rate limit (in its workspace); optionally
+        schedule the old one's disable."""
         old = await self.get(key_id, workspace)
         when = parse_time(disable_old_at, "disable_old_at")
         valid_name = validate_name(name)
@@ -238,8 +294,8 @@ class KeyManager:
                                     workspace=old.workspace,
                                     details={"new_key_name": valid_name, "disable_old_at": to_rfc3339(when)})
         new, full = await self.create(name=valid_name, roles=roles, actor=actor, client=client,
-                                      extra_audit=[rotated], details={"rotated_from": old.id},
-                                      workspace=old.workspace)
+                                      rate_limit=old.rate_limit, extra_audit=[rotated],
+                                      details={"rotated_from": old.id}, workspace=old.workspace)
         if when is not None:
             await self._store.schedule_disable(old.id, when)
             old = await self.get(old.id, old.workspace)

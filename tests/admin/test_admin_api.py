@@ -46,7 +46,8 @@ def _in(days: float) -> str:
 
 
 @pytest.mark.parametrize(("method", "path"), [
-    ("GET", "/keys"), ("POST", "/keys"), ("GET", "/keys/key_x"), ("POST", "/keys/key_x/disable"),
+    ("GET", "/keys"), ("POST", "/keys"), ("GET", "/keys/key_x"), ("PATCH", "/keys/key_x"),
+    ("POST", "/keys/key_x/disable"),
     ("POST", "/keys/key_x/enable"), ("POST", "/keys/key_x/rotate"), ("GET", "/keys/key_x/activity"),
     ("GET", "/roles"), ("GET", "/audit"),
     ("GET", "/openapi.json"), ("GET", "/session"), ("DELETE", "/session"),
@@ -243,7 +244,7 @@ async def test_unknown_admin_paths_are_json_404_and_wrong_methods_json_405(tmp_p
         async with sc.http.get(sc.admin_origin + "/admin/static/nothing.js") as resp:
             assert resp.status == 404
             assert resp.content_type == "application/json"
-        for method, path, allowed in (("PUT", "/keys", "GET, POST"), ("DELETE", "/keys/key_x", "GET"),
+        for method, path, allowed in (("PUT", "/keys", "GET, POST"), ("DELETE", "/keys/key_x", "GET, PATCH"),
                                       ("GET", "/keys/key_x/disable", "POST"),
                                       ("PATCH", "/session", "DELETE, GET, POST")):
             status, body, resp = await sc.call(method, path)
@@ -260,10 +261,11 @@ async def test_roles_come_from_the_config(tmp_path: Path) -> None:
     assert_matches("RoleList", body)
     assert body["roles"] == [
         {"name": "org-admin", "description": "Access organization settings, including API keys",
-         "permissions": ["org:settings"], "tools": None},
-        {"name": "viewer", "description": "Read planning data", "permissions": ["plans:read"], "tools": None},
+         "permissions": ["org:settings"], "tools": None, "rate_limit": None},
+        {"name": "viewer", "description": "Read planning data", "permissions": ["plans:read"], "tools": None,
+         "rate_limit": None},
         {"name": "writer", "description": "Read and change plans", "permissions": ["plans:read", "plans:write"],
-         "tools": None},
+         "tools": None, "rate_limit": None},
     ]
 
 

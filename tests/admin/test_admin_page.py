@@ -67,7 +67,8 @@ async def test_add_key_copy_once_and_toggle_it_from_the_context_menu(tmp_path: P
         await row.click(button="right")
         menu = page.get_by_role("menu")
         await expect(menu).to_be_visible()
-        await expect(menu.get_by_role("menuitem")).to_have_text(["View details", "Activity", "Rotate…", "Disable"])
+        await expect(menu.get_by_role("menuitem")).to_have_text(
+            ["View details", "Activity", "Rotate…", "Set rate limit…", "Disable"])
         await expect(menu.get_by_role("menuitem", name="Enable")).to_have_count(0)
         await menu.get_by_role("menuitem", name="Disable").click()
         await expect(menu).to_be_hidden()

@@ -382,3 +382,77 @@ async def test_disabling_the_signed_in_key_asks_first(tmp_path: Path, browser: B
         record = await sc.services.store.get_key(sc.admin_key_id)
         assert record is not None and record.status == "disabled"
         assert watch.page_errors == watch.dialogs == watch.foreign_requests == []
+
+
+async def test_a_key_made_with_a_rate_limit_and_changed_from_its_menu(tmp_path: Path, browser: Browser) -> None:
+    """docs/reference/limits.md, A key's own limit: the create form's Rate limit, the row menu's
+    Set rate limit…, the detail view saying where the limit comes from, and a bad value refused
+    on the field."""
+    async with (admin_sidecar(tmp_path, roles={"viewer": {"rate_limit": "600/minute"}}) as sc,
+                admin_page(browser, sc) as (_, page, watch)):
+        await sign_in(page, sc)
+        add = page.locator("#add-dialog")
+        await page.get_by_role("button", name="Add API Key").click()
+        # Each role offered says its limit.
+        await expect(add.locator("#key-roles-list")).to_contain_text("rate limit: 600/minute")
+        await add.get_by_label("Name").fill("paced-agent")
+        await role_box(add, "viewer").check()
+        await add.get_by_label("Rate limit").fill("100/second")
+        await add.get_by_role("button", name="Save").click()
+        await expect(page.locator("#key-dialog")).to_be_visible()
+        await page.get_by_role("button", name="Done").click()
+        _, body, _ = await sc.call("GET", "/keys?q=paced-agent")
+        created = body["keys"][0]
+        assert (created["rate_limit"], created["rate_limit_source"]) == ("100/second", "key")
+
+        # Right-click -> Set rate limit…: the dialog shows the key's own value.
+        row = key_row(page, "paced-agent")
+        await row.click(button="right")
+        await page.get_by_role("menuitem", name="Set rate limit…").click()
+        dialog = page.locator("#limit-dialog")
+        await expect(dialog).to_be_visible()
+        value = dialog.get_by_label("Rate limit")
+        await expect(value).to_have_value("100/second")
+        await expect(value).to_be_focused()
+        # A malformed value is refused on the field; nothing changes.
+        await value.fill("5/day")
+        await dialog.get_by_role("button", name="Save").click()
+        await expect(dialog.get_by_role("alert")).to_contain_text("N/second")
+        await expect(value).to_have_attribute("aria-invalid", "true")
+        _, still, _ = await sc.call("GET", f"/keys/{created['id']}")
+        assert still["rate_limit"] == "100/second"
+        # A good one is saved, and focus goes back to the row.
+        await value.fill("5/minute")
+        await expect(value).not_to_have_attribute("aria-invalid", "true")
+        await dialog.get_by_role("button", name="Save").click()
+        await expect(dialog).to_be_hidden()
+        _, changed, _ = await sc.call("GET", f"/keys/{created['id']}")
+        assert (changed["rate_limit"], changed["effective_rate_limit"]) == ("5/minute", "5/minute")
+
+        # The details say the limit and where it comes from.
+        await key_row(page, "paced-agent").get_by_role("button", name="paced-agent", exact=True).click()
+        details = page.locator("#detail-dialog")
+        fields = details.locator("#detail-fields")
+        await expect(fields.locator("dt:text-is('Rate limit') + dd")).to_have_text("5/minute (its own)")
+        await details.get_by_role("button", name="Close").click()
+
+        # Emptied: back to its roles' limit.
+        await key_row(page, "paced-agent").click(button="right")
+        await page.get_by_role("menuitem", name="Set rate limit…").click()
+        await dialog.get_by_label("Rate limit").fill("")
+        await dialog.get_by_role("button", name="Save").click()
+        await expect(dialog).to_be_hidden()
+        _, back, _ = await sc.call("GET", f"/keys/{created['id']}")
+        assert (back["rate_limit"], back["rate_limit_source"], back["effective_rate_limit"]) == (
+            None, "roles", "600/minute")
+        await key_row(page, "paced-agent").get_by_role("button", name="paced-agent", exact=True).click()
+        await expect(fields.locator("dt:text-is('Rate limit') + dd")).to_have_text("600/minute (from its roles)")
+        await details.get_by_role("button", name="Close").click()
+
+        # The audit view names the change.
+        await page.get_by_role("tab", name="Audit").click()
+        updated = page.locator("#audit-body tr", has_text="Key updated")
+        await expect(updated).to_have_count(2)
+        await expect(updated.first).to_contain_text("rate limit 5/minute → roles'")
+        # The refused value's 422 is the one console message (a failed fetch); nothing else.
+        assert watch.page_errors == watch.dialogs == watch.foreign_requests == []

@@ -141,6 +141,39 @@ def test_rotate_copies_roles_into_a_new_key(cli: Cli) -> None:
     assert cli.json("keys", "show", old["id"])["status"] == "enabled"
 
 
+def test_a_keys_own_rate_limit_is_set_on_create_changed_by_update_and_shown(cli: Cli) -> None:
+    created = cli.json("keys", "create", "--name", "paced", "--role", "viewer", "--rate-limit", "100/second")
+    assert (created["rate_limit"], created["rate_limit_source"]) == ("100/second", "key")
+    updated = cli.json("keys", "update", "paced", "--rate-limit", "unlimited")
+    assert (updated["rate_limit"], updated["effective_rate_limit"]) == ("unlimited", "unlimited")
+    code, shown, _ = cli("keys", "show", created["id"])
+    assert code == 0 and "rate_limit: unlimited (own)" in shown
+    back = cli.json("keys", "update", created["id"], "--rate-limit", "roles")
+    assert (back["rate_limit"], back["rate_limit_source"], back["effective_rate_limit"]) == (None, "roles",
+                                                                                             "unlimited")
+    code, listed, _ = cli("keys", "list")
+    assert code == 0
+    assert "RATE LIMIT" in listed.splitlines()[0]
+    assert "unlimited (roles)" in next(line for line in listed.splitlines() if "paced" in line)
+    events = cli.json("audit", "list", "--action", "key.updated")["events"]
+    assert [(e["actor"], e["details"]) for e in events] == [
+        ("cli", {"rate_limit": {"from": "unlimited", "to": None}}),
+        ("cli", {"rate_limit": {"from": "100/second", "to": "unlimited"}}),
+    ]
+
+
+@pytest.mark.parametrize("value", ["0/second", "10/day", "fast", "", "ROLES", "\u0661/second"])
+def test_a_bad_rate_limit_exits_2_with_one_line_naming_it(cli: Cli, value: str) -> None:
+    path = str(cli.path)
+    assert_one_line_refusal(*run_main("keys", "create", "--config", path, "--name", "n", "--role", "viewer",
+                                      f"--rate-limit={value}"), "rate_limit")
+    old = cli.json("keys", "create", "--name", "old", "--role", "viewer")
+    code, _, err = run_main("keys", "update", old["id"], "--config", path, f"--rate-limit={value}", "--json")
+    assert code == 2
+    assert (json.loads(err)["error"], json.loads(err)["field"]) == ("invalid_rate_limit", "rate_limit")
+    assert [(k["name"], k["rate_limit"]) for k in cli.json("keys", "list")["keys"]] == [("old", None)]
+
+
 def test_missing_command_words_are_usage_errors(cli: Cli) -> None:
     with pytest.raises(SystemExit) as caught:
         cli("keys", "create", "--role", "viewer")
@@ -337,8 +370,8 @@ CLI_FUZZ = settings(max_examples=120, deadline=None, derandomize=True, database=
 
 
 @CLI_FUZZ
-@given(command=st.sampled_from(["create-expiry", "create-name", "create-role", "show", "disable", "enable",
-                                "rotate-id", "rotate-at", "demo-port"]),
+@given(command=st.sampled_from(["create-expiry", "create-name", "create-role", "create-rate", "show", "disable",
+                                "enable", "rotate-id", "rotate-at", "update-rate", "demo-port"]),
        value=argv_values, as_json=st.booleans())
 def test_any_argument_value_is_handled_or_refused_in_one_line(cli: Cli, command: str, value: str,
                                                               as_json: bool) -> None:
@@ -347,11 +380,13 @@ def test_any_argument_value_is_handled_or_refused_in_one_line(cli: Cli, command:
         "create-expiry": ["keys", "create", "--name", unique, "--role", "viewer", f"--expires-at={value}"],
         "create-name": ["keys", "create", f"--name={value}", "--role", "viewer"],
         "create-role": ["keys", "create", "--name", unique, f"--role={value}"],
+        "create-rate": ["keys", "create", "--name", unique, "--role", "viewer", f"--rate-limit={value}"],
         "show": ["keys", "show", "--", value],
         "disable": ["keys", "disable", "--", value],
         "enable": ["keys", "enable", "--", value],
         "rotate-id": ["keys", "rotate", "--name", unique, "--", value],
         "rotate-at": ["keys", "rotate", "--name", unique, f"--disable-old-at={value}", "--", "key_unknown"],
+        "update-rate": ["keys", "update", f"--rate-limit={value}", "--", "key_unknown"],
         "demo-port": ["demo", f"--port={value}", "--once", "--config", "/nonexistent/for-the-demo.toml"],
     }[command]
     if command != "demo-port":

@@ -73,7 +73,7 @@ async def test_keys_list_pages_through_thousands_with_filters(config: ConfigFact
     assert names == [f"bulk-{n:05d}" for n in range(1, 2_346)]  # past the 1,000-key page, in order
     text = await run_cli("keys", "list", "--config", path)
     lines = text.stdout.splitlines()
-    assert lines[0].split() == ["ID", "NAME", "KEY", "STATUS", "ROLES", "LAST", "USED"]
+    assert lines[0].split() == ["ID", "NAME", "KEY", "STATUS", "ROLES", "RATE", "LIMIT", "LAST", "USED"]
     assert len(lines) == 2_346
 
     filtered = await run_cli("keys", "list", "--config", path, "--status", "disabled", "--role", "writer", "--json")
@@ -191,7 +191,7 @@ complete_line() {
 @pytest.mark.parametrize(("line", "offered"), [
     ("toolio-sidecar ", "serve demo keys audit completion migrate store signing -h --help --version"),
     ("toolio-sidecar ke", "keys"),
-    ("toolio-sidecar keys ", "create list show disable enable rotate generate import -h --help"),
+    ("toolio-sidecar keys ", "create list show disable enable rotate update generate import -h --help"),
     ("toolio-sidecar keys list --s", "--search --status --sort"),
     ("toolio-sidecar keys list --status ", "enabled disabled"),
     ("toolio-sidecar keys list --sort -", "-name -created -last_used"),

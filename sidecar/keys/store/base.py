@@ -119,6 +119,12 @@ class KeyStore(ABC):
         """Enable or disable (never delete); clears a scheduled disable when enabling."""
 
     @abstractmethod
+    async def set_rate_limit(self, key_id: str, rate_limit: str | None,
+                             audit: AuditRecord) -> KeyRecord | None:
+        """Set the key's own rate limit (None: its roles'), bumping its revision so every
+        process's cache reads it again; None when there is no such key."""
+
+    @abstractmethod
     async def schedule_disable(self, key_id: str, when: datetime | None) -> None: ...
 
     @abstractmethod

@@ -145,16 +145,22 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS keys_workspace_last_used
         ON keys (workspace, COALESCE(last_used_at, '-infinity'::timestamptz), id);
     """,
+    """
+    -- A key's own rate limit, replacing its roles' (docs/reference/limits.md): "N/second",
+    -- "N/minute", "N/hour" or "unlimited"; NULL (every key before this step): its roles'.
+    -- Adding a nullable column without a default rewrites no rows.
+    ALTER TABLE keys ADD COLUMN IF NOT EXISTS rate_limit TEXT;
+    """,
 )
 
 _MIGRATIONS_TABLE = ("CREATE TABLE IF NOT EXISTS schema_migrations ("
                      "version INTEGER PRIMARY KEY, applied_at TIMESTAMPTZ NOT NULL DEFAULT now())")
 
 _KEY_COLUMNS = ("id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by, "
-                "last_used_at, disabled_at, expires_at, disable_at, revision")
+                "last_used_at, disabled_at, expires_at, disable_at, revision, rate_limit")
 _SELECT_KEYS = f"SELECT {_KEY_COLUMNS} FROM keys"
 _INSERT_KEY = (f"INSERT INTO keys ({_KEY_COLUMNS}) "
-               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14)")
+               "VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15)")
 _INSERT_AUDIT = ('INSERT INTO audit_events ("time", action, actor, workspace, key_id, key_name, client, '
                  "details) VALUES ($1, $2, $3, $4, $5, $6, $7, $8::jsonb)")
 _BUMP_REVISION = "UPDATE counters SET value = value + 1 WHERE name = 'revision' RETURNING value"
@@ -164,6 +170,7 @@ _DISABLE = ("UPDATE keys SET status = 'disabled', disabled_at = COALESCE("
             f"WHERE id = $3 RETURNING {_KEY_COLUMNS}")
 _ENABLE = ("UPDATE keys SET status = 'enabled', disabled_at = NULL, disable_at = NULL, revision = $1 "
            f"WHERE id = $2 RETURNING {_KEY_COLUMNS}")
+_SET_RATE_LIMIT = f"UPDATE keys SET rate_limit = $1, revision = $2 WHERE id = $3 RETURNING {_KEY_COLUMNS}"
 
 # What a lost or refused connection raises; mapped to StoreError at this module's boundary.
 _DRIVER_ERRORS = (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError, OSError, TimeoutError)
@@ -182,11 +189,12 @@ def _opt_ts(value: datetime | None) -> datetime | None:
 
 def _key_from_row(row: asyncpg.Record) -> KeyRecord:
     (key_id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by,
-     last_used_at, disabled_at, expires_at, disable_at, revision) = tuple(row)
+     last_used_at, disabled_at, expires_at, disable_at, revision, rate_limit) = tuple(row)
     return KeyRecord(
         id=key_id, lookup_id=lookup_id, name=name, roles=tuple(roles), workspace=workspace, status=status,
         key_hash=key_hash, created_at=created_at, created_by=created_by, last_used_at=last_used_at,
         disabled_at=disabled_at, expires_at=expires_at, disable_at=disable_at, revision=int(revision),
+        rate_limit=rate_limit,
     )
 
 
@@ -427,7 +435,7 @@ class PostgresKeyStore(KeyStore):
                         _INSERT_KEY, record.id, record.lookup_id, record.name, list(record.roles), record.workspace,
                         record.status, record.key_hash, _ts(record.created_at), record.created_by,
                         _opt_ts(record.last_used_at), _opt_ts(record.disabled_at), _opt_ts(record.expires_at),
-                        _opt_ts(record.disable_at), revision,
+                        _opt_ts(record.disable_at), revision, record.rate_limit,
                     )
                 except asyncpg.UniqueViolationError as exc:
                     # Raised inside the transaction, so it rolls back (revision bump and audit rows too).
@@ -458,7 +466,7 @@ class PostgresKeyStore(KeyStore):
                         _INSERT_KEY + " ON CONFLICT (id) DO NOTHING", record.id, record.lookup_id, record.name,
                         list(record.roles), record.workspace, record.status, record.key_hash, _ts(record.created_at),
                         record.created_by, _opt_ts(record.last_used_at), _opt_ts(record.disabled_at),
-                        _opt_ts(record.expires_at), _opt_ts(record.disable_at), revision)
+                        _opt_ts(record.expires_at), _opt_ts(record.disable_at), revision, record.rate_limit)
                     added_keys += _row_count(status)
                 for event in audit:
                     # The source's ids are kept, so a second copy finds them and adds nothing.
@@ -512,6 +520,21 @@ class PostgresKeyStore(KeyStore):
                         row = await con.fetchrow(_DISABLE, _ts(now), revision, key_id)
                     else:
                         row = await con.fetchrow(_ENABLE, revision, key_id)
+                    if row is None:
+                        raise _NoSuchKey
+                    await con.execute(_INSERT_AUDIT, *_audit_params(audit))
+        except _NoSuchKey:
+            return None
+        assert row is not None
+        return _key_from_row(row)
+
+    async def set_rate_limit(self, key_id: str, rate_limit: str | None,
+                             audit: AuditRecord) -> KeyRecord | None:
+        try:
+            for attempt in self._attempts(transaction=True):
+                async with attempt as con:
+                    revision = int(await con.fetchval(_BUMP_REVISION))
+                    row = await con.fetchrow(_SET_RATE_LIMIT, rate_limit, revision, key_id)
                     if row is None:
                         raise _NoSuchKey
                     await con.execute(_INSERT_AUDIT, *_audit_params(audit))

@@ -118,21 +118,26 @@ MIGRATIONS: tuple[str, ...] = (
     CREATE INDEX IF NOT EXISTS keys_workspace_created ON keys (workspace, created_at, id);
     CREATE INDEX IF NOT EXISTS keys_workspace_last_used ON keys (workspace, COALESCE(last_used_at, ''), id);
     """,
+    """
+    -- A key's own rate limit, replacing its roles' (docs/reference/limits.md): "N/second",
+    -- "N/minute", "N/hour" or "unlimited"; NULL (every key before this step): its roles'.
+    ALTER TABLE keys ADD COLUMN rate_limit TEXT;
+    """,
 )
 
 _KEY_COLUMNS = ("id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by, "
-                "last_used_at, disabled_at, expires_at, disable_at, revision")
+                "last_used_at, disabled_at, expires_at, disable_at, revision, rate_limit")
 
 
 def _key_from_row(row: sqlite3.Row | tuple[Any, ...]) -> KeyRecord:
     (key_id, lookup_id, name, roles, workspace, status, key_hash, created_at, created_by,
-     last_used_at, disabled_at, expires_at, disable_at, revision) = tuple(row)
+     last_used_at, disabled_at, expires_at, disable_at, revision, rate_limit) = tuple(row)
     return KeyRecord(
         id=key_id, lookup_id=lookup_id, name=name, roles=tuple(json.loads(roles)), workspace=workspace,
         status=status, key_hash=key_hash, created_at=from_rfc3339(created_at) or datetime.now(UTC),
         created_by=created_by, last_used_at=from_rfc3339(last_used_at),
         disabled_at=from_rfc3339(disabled_at), expires_at=from_rfc3339(expires_at),
-        disable_at=from_rfc3339(disable_at), revision=revision,
+        disable_at=from_rfc3339(disable_at), revision=revision, rate_limit=rate_limit,
     )
 
 
@@ -140,7 +145,7 @@ def _key_params(record: KeyRecord, revision: int) -> tuple[Any, ...]:
     return (record.id, record.lookup_id, record.name, json.dumps(list(record.roles)),
             record.workspace, record.status, record.key_hash, to_rfc3339(record.created_at),
             record.created_by, to_rfc3339(record.last_used_at), to_rfc3339(record.disabled_at),
-            to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision)
+            to_rfc3339(record.expires_at), to_rfc3339(record.disable_at), revision, record.rate_limit)
 
 
 # The sort columns of each listing order, exactly as the listing indexes (MIGRATIONS) spell them (SQLite
@@ -316,7 +321,7 @@ class SQLiteKeyStore(KeyStore):
                 await self.db.execute("BEGIN IMMEDIATE")
                 revision = await self._next_revision()
                 await self.db.execute(
-                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _key_params(record, revision))
                 await self.db.executemany(_AUDIT_INSERT, [_audit_params(e) for e in audit])
                 await self.db.execute("COMMIT")
@@ -375,6 +380,24 @@ class SQLiteKeyStore(KeyStore):
                            "revision = ? WHERE id = ?")
                     params = (revision, key_id)
                 cur = await self.db.execute(sql, params)
+                if cur.rowcount == 0:
+                    await self.db.execute("ROLLBACK")
+                    return None
+                await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
+                await self.db.execute("COMMIT")
+            except BaseException:
+                await _undo(self.db)
+                raise
+        return await self.get_key(key_id)
+
+    async def set_rate_limit(self, key_id: str, rate_limit: str | None,
+                             audit: AuditRecord) -> KeyRecord | None:
+        async with self._lock:
+            try:
+                await self.db.execute("BEGIN IMMEDIATE")
+                revision = await self._next_revision()
+                cur = await self.db.execute("UPDATE keys SET rate_limit = ?, revision = ? WHERE id = ?",
+                                            (rate_limit, revision, key_id))
                 if cur.rowcount == 0:
                     await self.db.execute("ROLLBACK")
                     return None
@@ -580,7 +603,7 @@ class SQLiteKeyStore(KeyStore):
                 revision = await self._next_revision()
                 cur = await self.db.execute(
                     f"INSERT OR IGNORE INTO keys ({_KEY_COLUMNS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     _key_params(record, revision))
                 added_keys += cur.rowcount
             for event in audit:
