@@ -58,12 +58,12 @@ async def test_upgrading_a_database_keeps_its_keys_and_gives_them_their_roles_li
            "2030-01-02T03:04:05.678Z", "test", 7)
     if not backend_url:
         db_path.parent.mkdir(parents=True)
-        with sqlite3.connect(db_path) as con:
+        with sqlite3.connect(db_path) as lite:
             for script in steps_sqlite:
                 for statement in _split_sql(script):
-                    con.execute(statement)
-            con.execute(f"PRAGMA user_version = {len(steps_sqlite)}")
-            con.execute("INSERT INTO keys (id, lookup_id, name, roles, workspace, status, key_hash, created_at, "
+                    lite.execute(statement)
+            lite.execute(f"PRAGMA user_version = {len(steps_sqlite)}")
+            lite.execute("INSERT INTO keys (id, lookup_id, name, roles, workspace, status, key_hash, created_at, "
                         "created_by, revision) VALUES (?, ?, ?, '[\"viewer\"]', ?, ?, ?, ?, ?, ?)", row)
     else:
         con = await asyncpg.connect(backend_url)
