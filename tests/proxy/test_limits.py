@@ -117,6 +117,27 @@ async def test_the_most_generous_role_wins_and_a_role_without_a_limit_means_none
             assert status == 200 and "RateLimit" not in headers
 
 
+async def test_a_keys_own_limit_replaces_its_roles_at_its_next_request(
+        config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream,
+        limits: dict[str, Any]) -> None:
+    sidecar = await _start(config, start_sidecar, echo, limits)
+    record, key = await sidecar.create_key(roles=["viewer"])  # unlimited by its roles
+    keys = sidecar.services.keys
+    async with client_session() as http:
+        status, headers, _ = await _post(http, sidecar, key)
+        assert status == 200 and "RateLimit" not in headers  # cached now, unlimited
+        await keys.set_rate_limit(record.id, "2/hour", actor="test", client=None)
+        statuses = [(await _post(http, sidecar, key))[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        await keys.set_rate_limit(record.id, "unlimited", actor="test", client=None)
+        status, headers, _ = await _post(http, sidecar, key)
+        assert status == 200 and "RateLimit" not in headers
+        # A metered role's key with its own "unlimited" is never limited.
+        metered, metered_key = await sidecar.create_key("metered", roles=["metered"])
+        await keys.set_rate_limit(metered.id, "unlimited", actor="test", client=None)
+        assert [(await _post(http, sidecar, metered_key))[0] for _ in range(5)] == [200] * 5
+
+
 async def test_a_streamed_answer_carries_the_ratelimit_fields_too(
         config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream,
         limits: dict[str, Any]) -> None:
