@@ -42,6 +42,8 @@ REDIS_PREFIX = "toolio-sidecar:rate:"
 LOG_EVERY_SECONDS = 10.0
 # After a failed Redis check, the next this many seconds decide without asking Redis.
 RETRY_REDIS_SECONDS = 1.0
+# Connections to Redis per process: checks beyond this many at once wait for one.
+REDIS_CONNECTIONS = 64
 
 # KEYS[1]: the key's TAT (microseconds since the epoch). ARGV: emission interval and period, in
 # microseconds. Returns {allowed (0|1), remaining, microseconds until whole, retry-after µs}.
@@ -135,9 +137,14 @@ class Quota:
         if settings.shared:
             import redis.asyncio  # only when configured: memory mode needs no Redis client
 
-            self._redis = redis.asyncio.Redis.from_url(
-                settings.redis_url, socket_timeout=settings.redis_timeout_seconds,
+            # A pool that makes a check wait for a free connection (within the check's own
+            # timeout): the default pool raises at once past its size, and a burst of requests
+            # would then count as an outage, for every limited key (redis_failure decides).
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=settings.redis_timeout_seconds,
+                socket_timeout=settings.redis_timeout_seconds,
                 socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30)
+            self._redis = redis.asyncio.Redis.from_pool(pool)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
 
     @property

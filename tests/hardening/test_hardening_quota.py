@@ -1,0 +1,56 @@
+"""Attacks on the per-key limits (docs/reference/limits.md): rate limits counted in this process
+or in Redis, and the bound on a key's requests in flight. Each test is a way one key's traffic,
+a fault of Redis, or a client's behaviour could let more through than a key's limit, or refuse
+requests that are within theirs (another key's above all).
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.support.config import ConfigFactory
+from tests.support.harness import RunningSidecar, SidecarStarter
+from tests.support.raw import LOOPBACK, http_request, parse_responses
+from tests.support.upstreams import RecordingUpstream
+
+pytestmark = pytest.mark.timeout(60)
+
+GENEROUS = {"generous": {"description": "A large budget", "permissions": ["plans:read"],
+                         "rate_limit": "100000/second"}}
+PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+
+
+async def _open(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    return list(await asyncio.gather(*(asyncio.open_connection(LOOPBACK, port) for _ in range(count))))
+
+
+async def _statuses_at_once(sidecar: RunningSidecar, keys: list[str]) -> list[int]:
+    """One request per key in ``keys``, each on its own connection, all sent in one go so that
+    they are handled together; the statuses in order."""
+    connections = await _open(sidecar.proxy_port, len(keys))
+    try:
+        for (_, writer), key in zip(connections, keys, strict=True):
+            writer.write(http_request("POST", "/mcp", [("Authorization", f"Bearer {key}"),
+                                                       ("Content-Type", "application/json")], PING))
+        answers = await asyncio.gather(*(reader.read() for reader, _ in connections))
+    finally:
+        for _, writer in connections:
+            writer.close()
+    return [parse_responses(answer)[0].status for answer in answers]
+
+
+async def test_a_burst_of_requests_within_their_limits_is_never_refused_by_the_shared_counter(
+        config: ConfigFactory, start_sidecar: SidecarStarter, echo: RecordingUpstream, redis_url: str) -> None:
+    # More checks at once than the Redis client holds connections must wait for one, not fail:
+    # with redis_failure = "closed" a failed check is a 503 for every limited key, for a second.
+    # Five keys, each within its own bound on requests in flight (64) and its rate limit.
+    sidecar = await start_sidecar(config.settings({
+        "proxy": {"upstream": echo.url}, "roles": GENEROUS,
+        "limits": {"redis_url": redis_url, "redis_failure": "closed"}}))
+    crowd = [(await sidecar.create_key(f"crowd{i}", roles=["generous"]))[1] for i in range(5)]
+    _, bystander = await sidecar.create_key("bystander", roles=["generous"])
+    statuses = await _statuses_at_once(sidecar, [key for key in crowd for _ in range(60)] + [bystander])
+    assert statuses == [200] * 301
+    assert (await _statuses_at_once(sidecar, [bystander])) == [200]
