@@ -47,7 +47,9 @@ REDIS_CONNECTIONS = 64
 
 # KEYS[1]: the key's TAT (microseconds since the epoch). ARGV: emission interval and period, in
 # microseconds. Returns {allowed (0|1), remaining, microseconds until whole, retry-after µs}.
-# Redis's TIME is the one clock; the TAT expires when it would be in the past anyway.
+# Redis's TIME is the one clock; the TAT expires when it would be in the past anyway. A TAT more
+# than a period ahead was written before that clock stepped back: it counts as a spent allowance,
+# not as a lockout for as long as the step.
 _GCRA_SCRIPT = """
 local now_parts = redis.call('TIME')
 local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
@@ -55,6 +57,7 @@ local interval = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
+if tat > now + period then tat = now + period end
 local new_tat = tat + interval
 if new_tat - now > period then
   return {0, 0, tat - now, new_tat - now - period}

@@ -7,9 +7,16 @@ requests that are within theirs (another key's above all).
 from __future__ import annotations
 
 import asyncio
+import uuid
 
 import pytest
+import redis.asyncio
+from prometheus_client import CollectorRegistry
 
+from sidecar.gate.quota import REDIS_PREFIX, Quota
+from sidecar.logs import JsonLog
+from sidecar.metrics import Metrics
+from sidecar.settings import LimitsSettings, RateLimit
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter
 from tests.support.raw import LOOPBACK, http_request, parse_responses
@@ -54,3 +61,25 @@ async def test_a_burst_of_requests_within_their_limits_is_never_refused_by_the_s
     statuses = await _statuses_at_once(sidecar, [key for key in crowd for _ in range(60)] + [bystander])
     assert statuses == [200] * 301
     assert (await _statuses_at_once(sidecar, [bystander])) == [200]
+
+
+async def test_redis_clock_stepping_back_never_locks_a_key_out_for_longer_than_its_period(redis_url: str) -> None:
+    # The shared count's times are Redis's clock (TIME). If that clock steps back (an NTP step,
+    # a restored VM), the stored TAT lies further ahead than GCRA can ever put it: at most one
+    # period. Read as it is, it would refuse the key for as long as the clock stepped back.
+    quota = Quota(LimitsSettings(redis_url=redis_url), Metrics(CollectorRegistry()), JsonLog(level="error"))
+    client = redis.asyncio.Redis.from_url(redis_url)
+    subject = f"key_clockstep_{uuid.uuid4().hex}"
+    limit = RateLimit(600, "minute")
+    try:
+        seconds, micros = await client.time()
+        an_hour_ahead = (seconds + 3600) * 1_000_000 + micros
+        await client.set(REDIS_PREFIX + subject, str(an_hour_ahead), px=7_200_000)
+        verdict = await quota.take(subject, limit)
+        assert not verdict.allowed  # the allowance is spent, but only just:
+        assert verdict.retry_after == 1
+        assert verdict.fields[1] == ("RateLimit", '"key";r=0;t=60')
+    finally:
+        await client.delete(REDIS_PREFIX + subject)
+        await client.aclose()
+        await quota.close()
