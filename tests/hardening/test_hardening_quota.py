@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import pytest
 import redis.asyncio
@@ -18,15 +19,25 @@ from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.settings import LimitsSettings, RateLimit
 from tests.support.config import ConfigFactory
-from tests.support.harness import RunningSidecar, SidecarStarter
-from tests.support.raw import LOOPBACK, http_request, parse_responses
+from tests.support.harness import RunningSidecar, SidecarStarter, bearer, client_session
+from tests.support.raw import LOOPBACK, closed_port, http_request, parse_responses
 from tests.support.upstreams import RecordingUpstream
 
 pytestmark = pytest.mark.timeout(60)
 
 GENEROUS = {"generous": {"description": "A large budget", "permissions": ["plans:read"],
                          "rate_limit": "100000/second"}}
+METERED = {"metered": {"description": "An agent with a budget", "permissions": ["plans:read"],
+                       "rate_limit": "3/minute"}}
 PING = b'{"jsonrpc":"2.0","id":1,"method":"ping"}'
+
+
+@pytest.fixture(params=["memory", "redis"])
+def limits(request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Rate limits counted in this process, or shared in a real Redis."""
+    if request.param == "memory":
+        return {}
+    return {"redis_url": request.getfixturevalue("redis_url")}
 
 
 async def _open(port: int, count: int) -> list[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
@@ -83,3 +94,19 @@ async def test_redis_clock_stepping_back_never_locks_a_key_out_for_longer_than_i
         await client.delete(REDIS_PREFIX + subject)
         await client.aclose()
         await quota.close()
+
+
+async def test_an_error_answer_after_a_key_spent_its_allowance_carries_the_ratelimit_fields(
+        config: ConfigFactory, start_sidecar: SidecarStarter, limits: dict[str, Any]) -> None:
+    # An agent retrying against a failing upstream spends its allowance with each try; the
+    # fields on every answer (docs/reference/limits.md) are how it sees that before a 429.
+    sidecar = await start_sidecar(config.settings({
+        "proxy": {"upstream": f"http://{LOOPBACK}:{closed_port()}"}, "roles": METERED, "limits": limits}))
+    _, key = await sidecar.create_key(roles=["metered"])
+    async with client_session() as http:
+        seen = []
+        for headers in ({"Mcp-Session-Id": "never-issued"}, {}):
+            async with http.post(sidecar.proxy_url + "/mcp", data=PING, headers={**bearer(key), **headers}) as resp:
+                body = await resp.json()
+                seen.append((resp.status, body["error"], resp.headers.get("RateLimit")))
+    assert seen == [(404, "session_not_found", '"key";r=2;t=20'), (502, "upstream_unreachable", '"key";r=1;t=40')]
