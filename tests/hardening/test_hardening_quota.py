@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry
 from sidecar.gate.quota import REDIS_EPOCH, REDIS_PREFIX, Quota
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
-from sidecar.settings import LimitsSettings, RateLimit, parse_rate_limit
+from sidecar.settings import LimitsSettings, RateLimit, SettingsError, parse_rate_limit
 from tests.support.config import ConfigFactory
 from tests.support.harness import RunningSidecar, SidecarStarter, bearer, client_session
 from tests.support.raw import LOOPBACK, closed_port, http_request, parse_responses
@@ -132,3 +132,17 @@ async def test_a_large_rate_limit_reports_the_same_allowance_in_memory_and_in_re
     assert first.fields[1][1].startswith(f'"key";r={limit.count - 1};')
     # The allowance refills between the two (by a whole request in a few microseconds, for most).
     assert second.fields[1][1].split(";")[1] in (f"r={limit.count - 2}", f"r={limit.count - 1}")
+
+
+@pytest.mark.parametrize("url", ["redis://:s3cret@cache:notaport/0", "redis://:s3cret@cache/0?socket_timeout=soon",
+                                 "unix://:s3cret@/run/redis.sock?db=first"])
+@pytest.mark.parametrize("source", ["config", "environment"])
+def test_a_redis_url_the_client_cannot_read_is_a_settings_error_that_never_echoes_it(
+        config: ConfigFactory, url: str, source: str) -> None:
+    # Found at startup as a bare ValueError of the Redis client, naming no setting.
+    document = {"limits": {"redis_url": url}} if source == "config" else {}
+    environ = {"TOOLIO_SIDECAR_REDIS_URL": url} if source == "environment" else {}
+    with pytest.raises(SettingsError) as caught:
+        config.settings(document, environ=environ)
+    assert caught.value.key == ("limits.redis_url" if source == "config" else "TOOLIO_SIDECAR_REDIS_URL")
+    assert "s3cret" not in str(caught.value)
