@@ -731,6 +731,12 @@ def _load_limits(s: _Section, environ: Mapping[str, str]) -> LimitsSettings:
         if parts.scheme not in ("redis", "rediss", "unix") or (parts.scheme != "unix" and not parts.hostname):
             # Never echo the URL: it may carry a password.
             raise SettingsError(key, "expected redis://[:password@]host[:port][/db], rediss://... or unix://path")
+        from redis.asyncio.connection import parse_url  # the client's own reading, as Quota will use it
+
+        try:
+            parse_url(url)  # a port or a ?option it cannot read (its messages never repeat the URL)
+        except ValueError as exc:
+            raise SettingsError(key, str(exc)) from None
     failure = s.string("redis_failure", "open")
     if failure not in REDIS_FAILURE_MODES:
         raise SettingsError(s.key("redis_failure"), "one of open, closed")

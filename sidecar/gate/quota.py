@@ -39,26 +39,35 @@ POLICY_NAME = '"key"'
 # allowance, so the bound only ever errs towards letting requests through.
 MAX_TRACKED_KEYS = 100_000
 REDIS_PREFIX = "toolio-sidecar:rate:"
+# Where the shared count's times start (2023-11-14, Unix seconds); see _GCRA_SCRIPT.
+REDIS_EPOCH = 1_700_000_000
 LOG_EVERY_SECONDS = 10.0
 # After a failed Redis check, the next this many seconds decide without asking Redis.
 RETRY_REDIS_SECONDS = 1.0
+# Connections to Redis per process: checks beyond this many at once wait for one.
+REDIS_CONNECTIONS = 64
 
-# KEYS[1]: the key's TAT (microseconds since the epoch). ARGV: emission interval and period, in
-# microseconds. Returns {allowed (0|1), remaining, microseconds until whole, retry-after µs}.
-# Redis's TIME is the one clock; the TAT expires when it would be in the past anyway.
+# KEYS[1]: the key's TAT, in microseconds since REDIS_EPOCH. ARGV: emission interval (a float:
+# a limit of millions per second has one under a microsecond), period (µs) and the limit's count.
+# Returns {allowed (0|1), remaining, microseconds until whole, retry-after µs}.
+# Redis's TIME is the one clock; the TAT expires when it would be in the past anyway. A TAT more
+# than a period ahead was written before that clock stepped back: it counts as a spent allowance,
+# not as a lockout for as long as the step. Times count from REDIS_EPOCH, not 1970, so that the
+# float TAT keeps a resolution of about a hundredth of a microsecond (Lua numbers are doubles).
 _GCRA_SCRIPT = """
 local now_parts = redis.call('TIME')
-local now = tonumber(now_parts[1]) * 1000000 + tonumber(now_parts[2])
+local now = (tonumber(now_parts[1]) - tonumber(ARGV[4])) * 1000000 + tonumber(now_parts[2])
 local interval = tonumber(ARGV[1])
 local period = tonumber(ARGV[2])
 local tat = tonumber(redis.call('GET', KEYS[1]))
 if tat == nil or tat < now then tat = now end
+if tat > now + period then tat = now + period end
 local new_tat = tat + interval
 if new_tat - now > period then
   return {0, 0, tat - now, new_tat - now - period}
 end
-redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
-return {1, math.floor((period - (new_tat - now)) / interval), new_tat - now, 0}
+redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
+return {1, math.floor((period - (new_tat - now)) * tonumber(ARGV[3]) / period + 1e-6), new_tat - now, 0}
 """
 
 
@@ -135,9 +144,14 @@ class Quota:
         if settings.shared:
             import redis.asyncio  # only when configured: memory mode needs no Redis client
 
-            self._redis = redis.asyncio.Redis.from_url(
-                settings.redis_url, socket_timeout=settings.redis_timeout_seconds,
+            # A pool that makes a check wait for a free connection (within the check's own
+            # timeout): the default pool raises at once past its size, and a burst of requests
+            # would then count as an outage, for every limited key (redis_failure decides).
+            pool = redis.asyncio.BlockingConnectionPool.from_url(
+                settings.redis_url, max_connections=REDIS_CONNECTIONS, timeout=settings.redis_timeout_seconds,
+                socket_timeout=settings.redis_timeout_seconds,
                 socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30)
+            self._redis = redis.asyncio.Redis.from_pool(pool)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
 
     @property
@@ -163,7 +177,9 @@ class Quota:
             wait = max(1, math.ceil(ahead - limit.period))
             return Verdict(False, _fields(limit, 0, tat - now), wait)
         self._tats[subject] = new_tat
-        return Verdict(True, _fields(limit, int((limit.period - ahead) / interval + 1e-9), ahead))
+        # Counted from the count, not by dividing by a tiny interval, and with a margin above
+        # rounding error: 2000000/second reads r=1999999 after one request, not 1999998.
+        return Verdict(True, _fields(limit, int((limit.period - ahead) * limit.count / limit.period + 1e-6), ahead))
 
     async def _take_shared(self, subject: str, limit: RateLimit) -> Verdict:
         if time.monotonic() < self._down_until:
@@ -171,11 +187,12 @@ class Quota:
             # (a blackholed Redis would otherwise add redis_timeout_seconds to each one).
             return self._backend_failed(subject, limit, None)
         started = time.perf_counter()
-        interval = round(limit.period * 1_000_000 / limit.count)
+        period_us = int(limit.period * 1_000_000)
         try:
             async with asyncio.timeout(self._settings.redis_timeout_seconds):
                 allowed, remaining, whole_us, retry_us = await self._script(
-                    keys=[REDIS_PREFIX + subject], args=[interval, int(limit.period * 1_000_000)])
+                    keys=[REDIS_PREFIX + subject],
+                    args=[repr(period_us / limit.count), period_us, limit.count, REDIS_EPOCH])
         except Exception as exc:  # unreachable, timed out, refused: the setting decides
             self._down_until = time.monotonic() + RETRY_REDIS_SECONDS
             return self._backend_failed(subject, limit, exc)

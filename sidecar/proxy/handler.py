@@ -60,12 +60,14 @@ _VALID_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]{0,5
 
 
 def send_error(request: Request, exc: SidecarError, *, close: bool = False,
-               resource_metadata: str | None = None) -> None:
+               resource_metadata: str | None = None, extra: Fields | tuple[()] = ()) -> None:
     """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors); a 401's challenge names
-    ``resource_metadata`` when given (oauth.mode = "validate")."""
+    ``resource_metadata`` when given (oauth.mode = "validate"); ``extra`` fields are added."""
     status, fields, body = exc.render()
     if resource_metadata is not None and status == 401:
         fields = with_resource_metadata(fields, resource_metadata)
+    if extra:
+        fields = [*fields, *extra]
     request.respond(status, reason_phrase(status), fields, body, close=close or exc.close)
 
 
@@ -154,8 +156,12 @@ class ProxyHandler:
             else:
                 # A request the guard refused to interpret (bad Host, an upgrade, an odd target):
                 # read nothing more from this connection (RFC 9112 9.6, 11.2).
+                # A request that spent the key's allowance and then failed (an unknown session,
+                # an upstream that is down) still tells the agent where its count stands
+                # (docs/reference/limits.md: the fields are on every answer).
                 send_error(request, exc, close=principal is None and isinstance(exc, ProxyError)
-                           and exc.status == 400, resource_metadata=self._resource_metadata)
+                           and exc.status == 400, resource_metadata=self._resource_metadata,
+                           extra=outcome.limit_fields)
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
             kind = principal.kind if principal else "none"
