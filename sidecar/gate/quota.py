@@ -44,6 +44,8 @@ REDIS_EPOCH = 1_700_000_000
 LOG_EVERY_SECONDS = 10.0
 # After a failed Redis check, the next this many seconds decide without asking Redis.
 RETRY_REDIS_SECONDS = 1.0
+# Timed-out checks in a row that count as Redis being away (see _take_shared).
+TIMEOUTS_FOR_OUTAGE = 3
 # Connections to Redis per process: checks beyond this many at once wait for one.
 REDIS_CONNECTIONS = 64
 
@@ -141,6 +143,8 @@ class Quota:
         self._script: Any = None
         self._quiet_until = 0.0
         self._down_until = 0.0
+        self._timeouts_in_row = 0
+        self._timeout_errors: tuple[type[BaseException], ...] = (TimeoutError,)
         if settings.shared:
             import redis.asyncio  # only when configured: memory mode needs no Redis client
 
@@ -153,6 +157,7 @@ class Quota:
                 socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30)
             self._redis = redis.asyncio.Redis.from_pool(pool)
             self._script = self._redis.register_script(_GCRA_SCRIPT)
+            self._timeout_errors = (TimeoutError, redis.exceptions.TimeoutError)
 
     @property
     def shared(self) -> bool:
@@ -194,10 +199,17 @@ class Quota:
                     keys=[REDIS_PREFIX + subject],
                     args=[repr(period_us / limit.count), period_us, limit.count, REDIS_EPOCH])
         except Exception as exc:  # unreachable, timed out, refused: the setting decides
-            self._down_until = time.monotonic() + RETRY_REDIS_SECONDS
+            # A refused or broken connection means Redis is away: stop asking for a moment. A
+            # single timeout may be this process's own load (the timeout counts time the event
+            # loop spent on other requests), so only several in a row count as an outage.
+            timed_out = isinstance(exc, self._timeout_errors)
+            self._timeouts_in_row = self._timeouts_in_row + 1 if timed_out else 0
+            if not timed_out or self._timeouts_in_row >= TIMEOUTS_FOR_OUTAGE:
+                self._down_until = time.monotonic() + RETRY_REDIS_SECONDS
             return self._backend_failed(subject, limit, exc)
         finally:
             self._metrics.limits_check_seconds.observe(time.perf_counter() - started)
+        self._timeouts_in_row = 0
         if not allowed:
             wait = max(1, math.ceil(int(retry_us) / 1_000_000))
             return Verdict(False, _fields(limit, 0, int(whole_us) / 1_000_000), wait)

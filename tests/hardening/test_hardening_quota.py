@@ -147,3 +147,32 @@ def test_a_redis_url_the_client_cannot_read_is_a_settings_error_that_never_echoe
         config.settings(document, environ=environ)
     assert caught.value.key == ("limits.redis_url" if source == "config" else "TOOLIO_SIDECAR_REDIS_URL")
     assert "s3cret" not in str(caught.value)
+
+
+async def test_one_slow_redis_answer_is_not_an_outage_for_every_key_but_several_in_a_row_are() -> None:
+    # The check's timeout also counts time this process spends on other requests, so a single
+    # timeout may be our own load: it must not switch every limited key to the failure mode
+    # for a second. Several in a row mean Redis is away, and it is then not asked again at once.
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # takes the commands, never answers
+        writer.close()
+
+    server = await asyncio.start_server(silent, LOOPBACK, 0)
+    port = server.sockets[0].getsockname()[1]
+    registry = CollectorRegistry()
+    quota = Quota(LimitsSettings(redis_url=f"redis://{LOOPBACK}:{port}/0", redis_timeout_seconds=0.05),
+                  Metrics(registry), JsonLog(level="error"))
+    limit = RateLimit(5, "minute")
+    try:
+        asked = []
+        for _ in range(5):
+            assert (await quota.take("key_slow", limit)).allowed  # open: counted here instead
+            asked.append(registry.get_sample_value("toolio_sidecar_limits_check_seconds_count"))
+        # Three checks timed out, one by one, each asking Redis; then it was left alone.
+        assert asked == [1, 2, 3, 3, 3]
+        assert registry.get_sample_value("toolio_sidecar_limits_backend_errors_total", {"outcome": "allowed"}) == 5
+        # Counted in this process meanwhile: the key's limit still holds.
+        assert not (await quota.take("key_slow", limit)).allowed
+    finally:
+        await quota.close()
+        server.close()
