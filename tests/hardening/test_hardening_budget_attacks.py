@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import aiohttp
@@ -42,13 +42,17 @@ async def status_of(client: aiohttp.ClientSession, sidecar: RunningSidecar, toke
         return response.status
 
 
+def argon2_runs(sidecar: RunningSidecar) -> float:
+    return sample(sidecar.services.registry, "toolio_sidecar_argon2_verify_seconds_count")
+
+
 def queue_depth(sidecar: RunningSidecar) -> float:
     return sample(sidecar.services.registry, "toolio_sidecar_verification_queue_depth")
 
 
-async def until(condition: object, within: float = 20.0) -> None:
+async def until(condition: Callable[[], bool], within: float = 20.0) -> None:
     deadline = time.monotonic() + within
-    while not condition():  # type: ignore[operator]
+    while not condition():
         assert time.monotonic() < deadline, "condition not reached"
         await asyncio.sleep(0.002)
 
@@ -78,3 +82,33 @@ async def test_one_address_filling_the_queue_with_wrong_secrets_does_not_turn_aw
         assert refused.count(401) == 10, refused
         assert set(refused) <= {401, 429, 503}
         await until(lambda: queue_depth(sidecar) == 0)
+
+
+async def test_clients_going_away_while_their_keys_wait_leave_nothing_held_and_their_keys_verified(
+        tmp_path: Path, upstream: RecordingUpstream) -> None:
+    # A verification is its own task (one per token): a client hanging up mid-wait neither cancels
+    # it for others nor leaks its place in the queue or its held budget units.
+    settings = hardening_settings(tmp_path, upstream.url, cheap_argon2=False,
+                                  auth={"max_concurrent_verifications": 1, "failures_per_minute_per_address": 5})
+    async with running_sidecar(settings) as sidecar:
+        keys = [(await sidecar.create_key(f"agent-{n}"))[1] for n in range(20)]
+        target, _ = await sidecar.create_key("target")
+    async with running_sidecar(settings) as sidecar:
+        async with session_from(HOLDER) as holder:
+            waiting = [asyncio.create_task(status_of(holder, sidecar, key)) for key in keys]
+            # Every request has arrived and most of them still wait for the one argon2 slot.
+            await until(lambda: sample(sidecar.services.registry, "toolio_sidecar_cache_misses_total") == 20
+                        and queue_depth(sidecar) >= 10)
+            for task in waiting:
+                task.cancel()
+        # All twenty are verified all the same, none is left waiting.
+        await until(lambda: argon2_runs(sidecar) == 20)
+        await until(lambda: queue_depth(sidecar) == 0)
+        runs = argon2_runs(sidecar)
+        async with session_from(HOLDER) as holder:
+            assert await asyncio.gather(*(status_of(holder, sidecar, key) for key in keys)) == [200] * 20
+            # Served from the cache, and the address's budget (5) is whole: no unit was left held.
+            assert argon2_runs(sidecar) == runs
+            guesses = await asyncio.gather(*(status_of(holder, sidecar, checksum_valid_token(target.lookup_id))
+                                             for _ in range(8)))
+            assert sorted(guesses) == [401] * 5 + [429] * 3
