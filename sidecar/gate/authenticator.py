@@ -167,10 +167,12 @@ class Authenticator:
                                        settings.auth.failures_per_minute_per_lookup_id,
                                        settings.auth.failures_per_minute_per_lookup_id_total)
         self._verify_slots = asyncio.Semaphore(settings.auth.max_concurrent_verifications)
-        # Verifications waiting for budget room or a slot (the queue in front of argon2), and a
-        # signal set each time a held unit is released (then replaced) for those waiting on room.
+        # Verifications waiting for budget room or a slot (the queue in front of argon2), in all
+        # and per client network, and those waiting for room, per network, each on its own
+        # future: every release wakes them all, and one can be turned away alone (_admit).
         self._queued = 0
-        self._released = asyncio.Event()
+        self._queued_by_network: dict[str, int] = {}
+        self._room_waiters: dict[str, dict[asyncio.Future[None], None]] = {}
         metrics.verification_queue.set_function(lambda: self._queued)
         self._background: set[asyncio.Task[None]] = set()
         self._in_flight: dict[bytes, asyncio.Task[Principal]] = {}
@@ -363,10 +365,7 @@ class Authenticator:
         (units held by attempts still being verified are waited for, never refused: a success
         gives its unit back), then a free slot. Only a full queue refuses (503), and only
         recorded failures answer 429."""
-        if self._queued >= self._settings.auth.max_queued_verifications:
-            self._metrics.count_auth_failure(VerificationsBusy.reason)
-            raise VerificationsBusy()
-        self._queued += 1
+        self._admit(network)
         queued = True
         entered = time.perf_counter()
         try:
@@ -375,12 +374,21 @@ class Authenticator:
                 self._check_budget(network, lookup_id)
                 if self._budgets.try_hold(network, lookup_id):
                     break
-                released = self._released
-                await released.wait()
+                wake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+                waiters = self._room_waiters.setdefault(network, {})
+                waiters[wake] = None
+                try:
+                    await wake
+                finally:
+                    waiters.pop(wake, None)
+                    if not waiters and self._room_waiters.get(network) is waiters:
+                        del self._room_waiters[network]
+                    if wake.done() and not wake.cancelled() and wake.exception() is not None:
+                        queued = False  # turned away: _admit gave its place to another network
             failed = False
             try:
                 async with self._verify_slots:
-                    self._queued -= 1
+                    self._leave(network)
                     queued = False
                     started = time.perf_counter()
                     self._metrics.verification_wait_seconds.observe(started - entered)
@@ -392,11 +400,47 @@ class Authenticator:
             finally:
                 # A wrong secret spends the held units in the same step (see _WrongSecret).
                 self._budgets.release(network, lookup_id, failed=failed)
-                self._released.set()
-                self._released = asyncio.Event()
+                for waiting in self._room_waiters.values():
+                    for wake in waiting:
+                        if not wake.done():
+                            wake.set_result(None)
         finally:
             if queued:
-                self._queued -= 1
+                self._leave(network)
+
+    def _admit(self, network: str) -> None:
+        """A place in the queue for an attempt from ``network``, or 503. When the queue is full,
+        the network with the most attempts in it gives way to one with fewer: its newest attempt
+        still waiting for room in its own budgets is turned away (503) instead. Otherwise one
+        client could fill the queue with wrong secrets that wait behind its own few held units
+        (for nothing but a 429) and have every other client's new keys refused."""
+        if self._queued >= self._settings.auth.max_queued_verifications:
+            counts = self._queued_by_network
+            crowded = max(self._room_waiters, key=counts.__getitem__, default=None)
+            victim = None
+            if crowded is not None and counts[crowded] > counts.get(network, 0) + 1:
+                waiting = self._room_waiters[crowded]
+                # Not one a release has already woken: it is checking its budgets again now.
+                victim = next((wake for wake in reversed(waiting) if not wake.done()), None)
+            self._metrics.count_auth_failure(VerificationsBusy.reason)
+            if victim is None:
+                raise VerificationsBusy()
+            assert crowded is not None
+            del self._room_waiters[crowded][victim]
+            if not self._room_waiters[crowded]:
+                del self._room_waiters[crowded]
+            self._leave(crowded)
+            victim.set_exception(VerificationsBusy())
+        self._queued += 1
+        self._queued_by_network[network] = self._queued_by_network.get(network, 0) + 1
+
+    def _leave(self, network: str) -> None:
+        self._queued -= 1
+        left = self._queued_by_network.get(network, 0) - 1
+        if left > 0:
+            self._queued_by_network[network] = left
+        else:
+            self._queued_by_network.pop(network, None)
 
     def _unusable(self, record: KeyRecord | None, workspace: str | None) -> str | None:
         if record is None:
