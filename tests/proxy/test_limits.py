@@ -9,14 +9,16 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import uuid
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio
 from prometheus_client import CollectorRegistry
 
-from sidecar.gate.quota import Quota
+from sidecar.gate.quota import REDIS_PREFIX, Quota
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
 from sidecar.settings import LimitsSettings, RateLimit, SettingsError, parse_rate_limit
@@ -247,6 +249,27 @@ async def test_gcra_allows_the_whole_count_at_once_then_one_per_interval(
         assert (await quota.take(subject, limit)).allowed
         assert not (await quota.take(subject, limit)).allowed
     finally:
+        await quota.close()
+
+
+async def test_checks_sent_together_to_redis_each_count_and_a_lost_script_is_loaded_again(redis_url: str) -> None:
+    # Concurrent checks leave in one pipeline; each is its own atomic script run, so exactly the
+    # limit gets through. Redis forgetting its scripts (a restart, SCRIPT FLUSH) costs nothing.
+    quota = Quota(LimitsSettings(redis_url=redis_url), Metrics(CollectorRegistry()), JsonLog(level="error"))
+    client = redis.asyncio.Redis.from_url(redis_url)
+    subject = f"key_batch_{uuid.uuid4().hex}"
+    limit = RateLimit(10, "minute")
+    try:
+        verdicts = await asyncio.gather(*(quota.take(subject, limit) for _ in range(50)))
+        assert sum(v.allowed for v in verdicts) == 10
+        assert sorted(v.fields[1][1].split(";")[1] for v in verdicts if v.allowed) == sorted(
+            f"r={n}" for n in range(10))
+        await client.script_flush()
+        other = f"{subject}-2"
+        assert (await quota.take(other, limit)).allowed
+        assert (await client.exists(REDIS_PREFIX + other)) == 1  # counted in Redis, not in memory
+    finally:
+        await client.aclose()
         await quota.close()
 
 
