@@ -60,10 +60,14 @@ class RateLimit:
 
     count: int
     unit: str          # "second" | "minute" | "hour"
+    # Worked out once, read on every request of a limited key.
+    period: float = field(init=False, compare=False)
+    interval: float = field(init=False, compare=False)    # seconds between requests at the rate
 
-    @property
-    def period(self) -> float:
-        return RATE_PERIODS[self.unit]
+    def __post_init__(self) -> None:
+        period = RATE_PERIODS[self.unit]
+        object.__setattr__(self, "period", period)
+        object.__setattr__(self, "interval", period / self.count)
 
     @property
     def per_second(self) -> float:

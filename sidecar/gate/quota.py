@@ -21,12 +21,11 @@ refuses it with 503; both are counted (``toolio_sidecar_limits_backend_errors``)
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from dataclasses import dataclass
 from typing import Any
-
-from cachetools import LRUCache
 
 from sidecar.errors import Fields, SidecarError
 from sidecar.logs import JsonLog
@@ -127,8 +126,13 @@ class LimitsUnavailable(SidecarError):
 def _fields(limit: RateLimit, remaining: int, whole_in: float) -> Fields:
     # Integer seconds (draft-ietf-httpapi-ratelimit-headers-10, 4.1: "t" is a non-negative
     # Integer): rounded up, so a client that waits t seconds finds its allowance whole.
-    return [("RateLimit-Policy", f"{POLICY_NAME};q={limit.count};w={int(limit.period)}"),
+    return [("RateLimit-Policy", _policy(limit)),
             ("RateLimit", f"{POLICY_NAME};r={max(0, remaining)};t={max(0, math.ceil(whole_in))}")]
+
+
+@functools.lru_cache(maxsize=1024)
+def _policy(limit: RateLimit) -> str:
+    return f"{POLICY_NAME};q={limit.count};w={int(limit.period)}"
 
 
 class Quota:
@@ -138,7 +142,7 @@ class Quota:
         self._settings = settings
         self._metrics = metrics
         self._log = log
-        self._tats: LRUCache[str, float] = LRUCache(MAX_TRACKED_KEYS)
+        self._tats: dict[str, float] = {}  # key id -> TAT (time.monotonic seconds)
         self._redis: Any = None
         self._script: Any = None
         self._quiet_until = 0.0
@@ -176,19 +180,30 @@ class Quota:
     def take_here(self, subject: str, limit: RateLimit) -> Verdict:
         """The in-process decision (memory mode): no I/O, O(1)."""
         now = time.monotonic()
-        interval = limit.period / limit.count
-        tat = self._tats.get(subject, now)
+        tats = self._tats
+        tat = tats.get(subject, now)
         if tat < now:
             tat = now
-        new_tat = tat + interval
+        new_tat = tat + limit.interval
         ahead = new_tat - now
         if ahead > limit.period:
             wait = max(1, math.ceil(ahead - limit.period))
             return Verdict(False, _fields(limit, 0, tat - now), wait)
-        self._tats[subject] = new_tat
+        if subject not in tats and len(tats) >= MAX_TRACKED_KEYS:
+            self._forget_whole(now)
+        tats[subject] = new_tat
         # Counted from the count, not by dividing by a tiny interval, and with a margin above
         # rounding error: 2000000/second reads r=1999999 after one request, not 1999998.
         return Verdict(True, _fields(limit, int((limit.period - ahead) * limit.count / limit.period + 1e-6), ahead))
+
+    def _forget_whole(self, now: float) -> None:
+        """Make room: a key whose allowance is whole again (its TAT is past) needs no entry; if
+        that frees too little, the oldest half goes, and those keys start again with a whole
+        allowance. Either way the bound only ever errs towards letting requests through."""
+        self._tats = {key: tat for key, tat in self._tats.items() if tat > now}
+        if len(self._tats) >= MAX_TRACKED_KEYS // 2:
+            keep = list(self._tats.items())[len(self._tats) // 2:]
+            self._tats = dict(keep)
 
     async def _take_shared(self, subject: str, limit: RateLimit) -> Verdict:
         if time.monotonic() < self._down_until:

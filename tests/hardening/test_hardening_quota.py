@@ -14,6 +14,7 @@ import pytest
 import redis.asyncio
 from prometheus_client import CollectorRegistry
 
+from sidecar.gate import quota as quota_module
 from sidecar.gate.quota import REDIS_EPOCH, REDIS_PREFIX, Quota
 from sidecar.logs import JsonLog
 from sidecar.metrics import Metrics
@@ -176,3 +177,16 @@ async def test_one_slow_redis_answer_is_not_an_outage_for_every_key_but_several_
     finally:
         await quota.close()
         server.close()
+
+
+def test_memory_mode_makes_room_by_forgetting_whole_allowances_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many keys (an attacker's, or a fleet's) must not grow memory without bound, nor make a key
+    # that is mid-allowance forget it while keys with whole allowances are kept.
+    monkeypatch.setattr(quota_module, "MAX_TRACKED_KEYS", 100)
+    quota = Quota(LimitsSettings(), Metrics(CollectorRegistry()), JsonLog(level="error"))
+    busy, idle = RateLimit(2, "hour"), RateLimit(999_999_999, "second")
+    assert quota.take_here("busy", busy).allowed and quota.take_here("busy", busy).allowed
+    for n in range(500):  # each is whole again a nanosecond later
+        quota.take_here(f"idle-{n}", idle)
+    assert len(quota._tats) <= 100
+    assert not quota.take_here("busy", busy).allowed  # its spent allowance was kept
