@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import sqlite3
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -202,6 +203,9 @@ def _audit_params(event: AuditRecord) -> tuple[Any, ...]:
             event.key_name, event.client, json.dumps(dict(event.details), sort_keys=True))
 
 
+# How long opening a new file keeps trying to switch it to WAL (see _enter_wal): the busy timeout.
+WAL_SWITCH_SECONDS = 5.0
+
 _AUDIT_INSERT = ("INSERT INTO audit_events (time, action, actor, workspace, key_id, key_name, client, "
                  "details) VALUES (?, ?, ?, ?, ?, ?, ?, ?)")
 
@@ -213,6 +217,22 @@ async def _undo(db: aiosqlite.Connection) -> None:
     a cancelled background job looping and make shutdown wait for it forever."""
     with contextlib.suppress(sqlite3.Error, ValueError):
         await db.execute("ROLLBACK")
+
+
+async def _enter_wal(db: aiosqlite.Connection) -> None:
+    """``PRAGMA journal_mode = WAL``, retried for a while. On a new file, a process switching
+    while another one switches too gets SQLITE_BUSY at once: the busy timeout does not cover a
+    change of journal mode. That is two pods' init containers (``keys import``) starting
+    together, or ``serve`` starting beside a CLI command."""
+    deadline = time.monotonic() + WAL_SWITCH_SECONDS
+    while True:
+        try:
+            await db.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        await asyncio.sleep(0.02)
 
 
 class SQLiteKeyStore(KeyStore):
@@ -252,7 +272,7 @@ class SQLiteKeyStore(KeyStore):
         db = await aiosqlite.connect(self._path, isolation_level=None)
         try:
             await db.execute("PRAGMA busy_timeout = 5000")
-            await db.execute("PRAGMA journal_mode = WAL")
+            await _enter_wal(db)
             await db.execute("PRAGMA synchronous = FULL")
             await db.execute("PRAGMA foreign_keys = ON")
             await self._migrate(db)
@@ -294,7 +314,7 @@ class SQLiteKeyStore(KeyStore):
         db = await aiosqlite.connect(self._path, isolation_level=None)
         try:
             await db.execute("PRAGMA busy_timeout = 5000")
-            await db.execute("PRAGMA journal_mode = WAL")
+            await _enter_wal(db)
             return await self._migrate(db)
         finally:
             await db.close()
