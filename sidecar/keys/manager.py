@@ -19,7 +19,7 @@ from sidecar.keys.audit import KEY_CREATED, KEY_DISABLED, KEY_ENABLED, KEY_ROTAT
 from sidecar.keys.errors import InvalidInput, KeyNotFound, NameTaken
 from sidecar.keys.format import ALPHABET, KeyHasher, generate_key, preview
 from sidecar.keys.listing import MAX_LIMIT, KeyPage, KeyQuery
-from sidecar.keys.records import DISABLED, ENABLED, KeyRecord, to_rfc3339, utcnow
+from sidecar.keys.records import DISABLED, ENABLED, AuditRecord, KeyRecord, to_rfc3339, utcnow
 from sidecar.keys.store.base import DuplicateLookupId, DuplicateName, KeyStore, StoreError
 from sidecar.settings import UNLIMITED, Settings, parse_rate_limit
 
@@ -251,15 +251,7 @@ class KeyManager:
         event = self._audit.event(action, actor, key_id=current.id, key_name=current.name, client=client,
                                   workspace=current.workspace,
                                   details={"previous_status": current.status, **(details or {})})
-        updated = await self._store.set_status(key_id, status, utcnow(), event)
-        if updated is None:
-            raise KeyNotFound(key_id)
-        # Tell the running proxy before answering: the next request with this key is refused
-        # and its open streams are cut (docs/reference/keys.md: no cache delay).
-        if self._on_change is not None:
-            self._on_change(updated)
-        self._audit.emitted(event)
-        return updated
+        return self._changed(key_id, await self._store.set_status(key_id, status, utcnow(), event), event)
 
     async def set_rate_limit(self, key_id: str, rate_limit: object, *, actor: str, client: str | None,
                              workspace: str | None = None) -> KeyRecord:
@@ -273,7 +265,12 @@ class KeyManager:
         event = self._audit.event(KEY_UPDATED, actor, key_id=current.id, key_name=current.name, client=client,
                                   workspace=current.workspace,
                                   details={"rate_limit": {"from": current.rate_limit, "to": wanted}})
-        updated = await self._store.set_rate_limit(current.id, wanted, event)
+        return self._changed(key_id, await self._store.set_rate_limit(current.id, wanted, event), event)
+
+    def _changed(self, key_id: str, updated: KeyRecord | None, event: AuditRecord) -> KeyRecord:
+        """After a change was written: tell the running proxy before answering, so the key's
+        next request sees it and a disable cuts its open streams (docs/reference/keys.md: no
+        cache delay)."""
         if updated is None:
             raise KeyNotFound(key_id)
         if self._on_change is not None:

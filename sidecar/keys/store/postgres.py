@@ -512,29 +512,28 @@ class PostgresKeyStore(KeyStore):
 
     async def set_status(self, key_id: str, status: str, now: datetime,
                          audit: AuditRecord) -> KeyRecord | None:
-        try:
-            for attempt in self._attempts(transaction=True):
-                async with attempt as con:
-                    revision = int(await con.fetchval(_BUMP_REVISION))
-                    if status == DISABLED:
-                        row = await con.fetchrow(_DISABLE, _ts(now), revision, key_id)
-                    else:
-                        row = await con.fetchrow(_ENABLE, revision, key_id)
-                    if row is None:
-                        raise _NoSuchKey
-                    await con.execute(_INSERT_AUDIT, *_audit_params(audit))
-        except _NoSuchKey:
-            return None
-        assert row is not None
-        return _key_from_row(row)
+        def statement(revision: int) -> tuple[str, tuple[Any, ...]]:
+            if status == DISABLED:
+                return _DISABLE, (_ts(now), revision, key_id)
+            return _ENABLE, (revision, key_id)
+
+        return await self._change_key(statement, audit)
 
     async def set_rate_limit(self, key_id: str, rate_limit: str | None,
                              audit: AuditRecord) -> KeyRecord | None:
+        return await self._change_key(lambda revision: (_SET_RATE_LIMIT, (rate_limit, revision, key_id)), audit)
+
+    async def _change_key(self, statement: Callable[[int], tuple[str, tuple[Any, ...]]],
+                          audit: AuditRecord) -> KeyRecord | None:
+        """One change to a key in one transaction: a new store revision (NOTIFYing the change
+        feed), the UPDATE ... RETURNING ``statement(revision)`` gives, and its audit event. None
+        when there is no such key (nothing is written)."""
         try:
             for attempt in self._attempts(transaction=True):
                 async with attempt as con:
                     revision = int(await con.fetchval(_BUMP_REVISION))
-                    row = await con.fetchrow(_SET_RATE_LIMIT, rate_limit, revision, key_id)
+                    sql, args = statement(revision)
+                    row = await con.fetchrow(sql, *args)
                     if row is None:
                         raise _NoSuchKey
                     await con.execute(_INSERT_AUDIT, *_audit_params(audit))

@@ -385,39 +385,33 @@ class SQLiteKeyStore(KeyStore):
 
     async def set_status(self, key_id: str, status: str, now: datetime,
                          audit: AuditRecord) -> KeyRecord | None:
-        async with self._lock:
-            try:
-                await self.db.execute("BEGIN IMMEDIATE")
-                revision = await self._next_revision()
-                if status == DISABLED:
-                    # Keep the first disable time when disabling twice.
-                    sql = ("UPDATE keys SET status = 'disabled', disabled_at = COALESCE("
-                           "CASE WHEN status = 'disabled' THEN disabled_at END, ?), disable_at = NULL, "
-                           "revision = ? WHERE id = ?")
-                    params: tuple[Any, ...] = (to_rfc3339(now), revision, key_id)
-                else:
-                    sql = ("UPDATE keys SET status = 'enabled', disabled_at = NULL, disable_at = NULL, "
-                           "revision = ? WHERE id = ?")
-                    params = (revision, key_id)
-                cur = await self.db.execute(sql, params)
-                if cur.rowcount == 0:
-                    await self.db.execute("ROLLBACK")
-                    return None
-                await self.db.execute(_AUDIT_INSERT, _audit_params(audit))
-                await self.db.execute("COMMIT")
-            except BaseException:
-                await _undo(self.db)
-                raise
-        return await self.get_key(key_id)
+        def statement(revision: int) -> tuple[str, tuple[Any, ...]]:
+            if status == DISABLED:
+                # Keep the first disable time when disabling twice.
+                return ("UPDATE keys SET status = 'disabled', disabled_at = COALESCE("
+                        "CASE WHEN status = 'disabled' THEN disabled_at END, ?), disable_at = NULL, "
+                        "revision = ? WHERE id = ?", (to_rfc3339(now), revision, key_id))
+            return ("UPDATE keys SET status = 'enabled', disabled_at = NULL, disable_at = NULL, "
+                    "revision = ? WHERE id = ?", (revision, key_id))
+
+        return await self._change_key(key_id, statement, audit)
 
     async def set_rate_limit(self, key_id: str, rate_limit: str | None,
                              audit: AuditRecord) -> KeyRecord | None:
+        return await self._change_key(
+            key_id, lambda revision: ("UPDATE keys SET rate_limit = ?, revision = ? WHERE id = ?",
+                                      (rate_limit, revision, key_id)), audit)
+
+    async def _change_key(self, key_id: str, statement: Callable[[int], tuple[str, tuple[Any, ...]]],
+                          audit: AuditRecord) -> KeyRecord | None:
+        """One change to a key in one transaction: a new store revision (the change feed's
+        cursor), the UPDATE ``statement(revision)`` gives, and its audit event. None when there
+        is no such key (nothing is written)."""
         async with self._lock:
             try:
                 await self.db.execute("BEGIN IMMEDIATE")
                 revision = await self._next_revision()
-                cur = await self.db.execute("UPDATE keys SET rate_limit = ?, revision = ? WHERE id = ?",
-                                            (rate_limit, revision, key_id))
+                cur = await self.db.execute(*statement(revision))
                 if cur.rowcount == 0:
                     await self.db.execute("ROLLBACK")
                     return None
