@@ -21,19 +21,14 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.attack import Attacker, assert_no_secrets, checksum_valid_token
+from tests.support.attack import Attacker, argon2_runs, assert_no_secrets, checksum_valid_token
 from tests.support.config import hardening_settings
 from tests.support.harness import RunningSidecar, running_sidecar
-from tests.support.metrics import sample
 from tests.support.upstreams import RecordingUpstream, recording_upstream
 
 pytestmark = pytest.mark.timeout(90)
 
 TRUSTED = {"trusted_proxies": ["127.0.0.0/8"]}
-
-
-def argon2_runs(sidecar: RunningSidecar) -> float:
-    return sample(sidecar.services.registry, "toolio_sidecar_argon2_verify_seconds_count")
 
 
 @pytest.fixture

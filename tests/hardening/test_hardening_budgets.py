@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.support.attack import checksum_valid_token
+from tests.support.attack import ATTACKER, HOLDER, argon2_runs, checksum_valid_token, session_from
 from tests.support.config import hardening_settings
 from tests.support.harness import RunningSidecar, running_sidecar
 from tests.support.metrics import sample
@@ -27,20 +27,10 @@ from tests.support.upstreams import RecordingUpstream, recording_upstream
 
 pytestmark = pytest.mark.timeout(120)
 
-HOLDER = "127.0.0.1"
-ATTACKER = "127.0.0.5"
-
-
 @pytest.fixture
 async def upstream() -> AsyncIterator[RecordingUpstream]:
     async with recording_upstream() as up:
         yield up
-
-
-def session_from(address: str) -> aiohttp.ClientSession:
-    """A client whose connections leave from ``address`` (any 127/8 address is local on Linux)."""
-    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0), limit=0),
-                                 timeout=aiohttp.ClientTimeout(total=60))
 
 
 async def status_of(client: aiohttp.ClientSession, sidecar: RunningSidecar, token: str,
@@ -48,10 +38,6 @@ async def status_of(client: aiohttp.ClientSession, sidecar: RunningSidecar, toke
     async with client.get(sidecar.proxy_url + "/mcp",
                           headers={"Authorization": f"Bearer {token}", **(headers or {})}) as response:
         return response.status, dict(response.headers), await response.read()
-
-
-def argon2_runs(sidecar: RunningSidecar) -> float:
-    return sample(sidecar.services.registry, "toolio_sidecar_argon2_verify_seconds_count")
 
 
 async def hammer(client: aiohttp.ClientSession, sidecar: RunningSidecar, lookup_id: str, count: int) -> list[int]:

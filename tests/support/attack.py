@@ -11,8 +11,12 @@ import secrets
 import sys
 from collections.abc import Sequence
 
+import aiohttp
+
 from sidecar.keys.format import ALPHABET, LOOKUP_LEN, PREFIX, SECRET_LEN, checksum
 from sidecar.proxy.headers import IDENTITY_HEADERS
+from tests.support.harness import RunningSidecar
+from tests.support.metrics import sample
 from tests.support.raw import LOOPBACK
 
 IDENTITY_NAMES_LOWER = tuple(name.lower() for name in IDENTITY_HEADERS)
@@ -98,3 +102,21 @@ class Attacker:
             raise
         report = json.loads(out)
         return list(report["statuses"]), float(report["seconds"])
+
+
+# Two clients on their own addresses (any 127/8 address is local on Linux): a key's holder, and
+# someone who knows its lookup id.
+HOLDER = "127.0.0.1"
+ATTACKER = "127.0.0.5"
+
+
+def session_from(address: str) -> aiohttp.ClientSession:
+    """A client whose connections leave from ``address``."""
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(local_addr=(address, 0), limit=0),
+                                 timeout=aiohttp.ClientTimeout(total=60))
+
+
+def argon2_runs(sidecar: RunningSidecar) -> float:
+    """argon2 verifications the sidecar has run so far."""
+    return sample(sidecar.services.registry, "toolio_sidecar_argon2_verify_seconds_count")
+
