@@ -94,7 +94,7 @@ class Request:
     its body as it arrives, and the means to answer it exactly once."""
 
     __slots__ = ("_buffered", "_chunked_out", "_chunks", "_close", "_complete", "_conn", "_continue",
-                 "_error", "_finished", "_pieces", "_received", "_started", "_waiter", "chunked",
+                 "_error", "_extra", "_finished", "_pieces", "_received", "_started", "_waiter", "chunked",
                  "content_length", "headers", "keep_alive", "method", "raw_path", "remote", "version")
 
     scheme = "http"
@@ -123,6 +123,7 @@ class Request:
         self._finished = False
         self._chunked_out = False
         self._close = False
+        self._extra: list[tuple[str, str]] | tuple[()] = ()
 
     # -- the head ----------------------------------------------------------------------------
 
@@ -286,6 +287,11 @@ class Request:
         self._close = True
         self._conn.close_gently()
 
+    def add_response_fields(self, fields: list[tuple[str, str]]) -> None:
+        """Fields the answer carries whatever it turns out to be (the upstream's, or an error
+        of the application's), written after the ones it is given."""
+        self._extra = fields
+
     def _head(self, status: int, reason: str, headers: Iterable[tuple[str, str]], framing: str, close: bool) -> bytes:
         if self._started:
             raise RuntimeError("the response has started already")
@@ -300,6 +306,8 @@ class Request:
         for name, value in headers:
             if not has_date and len(name) == 4 and name.lower() == "date":
                 has_date = True
+            parts.append(f"{name}: {value}\r\n")
+        for name, value in self._extra:
             parts.append(f"{name}: {value}\r\n")
         if not has_date:
             # RFC 9110 6.6.1: a recipient with a clock forwarding a response without Date adds one.

@@ -18,7 +18,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sidecar.errors import Fields, InvalidToken, ProxyError, SidecarError, StoreUnavailable, with_resource_metadata
+from sidecar.errors import InvalidToken, ProxyError, SidecarError, StoreUnavailable, with_resource_metadata
 from sidecar.gate.authenticator import Authenticator
 from sidecar.gate.peers import ClientRequest, Network, client_address, is_trusted
 from sidecar.gate.principal import PASSTHROUGH, Principal
@@ -60,14 +60,12 @@ _VALID_HOST = re.compile(r"(?:\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9._~%-]+)(?::[0-9]{0,5
 
 
 def send_error(request: Request, exc: SidecarError, *, close: bool = False,
-               resource_metadata: str | None = None, extra: Fields | tuple[()] = ()) -> None:
+               resource_metadata: str | None = None) -> None:
     """Answer ``request`` with ``exc``'s JSON error (see sidecar.errors); a 401's challenge names
-    ``resource_metadata`` when given (oauth.mode = "validate"); ``extra`` fields are added."""
+    ``resource_metadata`` when given (oauth.mode = "validate")."""
     status, fields, body = exc.render()
     if resource_metadata is not None and status == 401:
         fields = with_resource_metadata(fields, resource_metadata)
-    if extra:
-        fields = [*fields, *extra]
     request.respond(status, reason_phrase(status), fields, body, close=close or exc.close)
 
 
@@ -107,9 +105,6 @@ class _Outcome:
     status: int = 0
     bytes_out: int = 0
     mcp: Inspection = NOTHING
-    # The key's RateLimit fields, added to its answer so that an agent can pace itself
-    # (docs/reference/limits.md); empty for a key without a rate limit.
-    limit_fields: Fields | tuple[()] = ()
 
 
 class ProxyHandler:
@@ -156,12 +151,8 @@ class ProxyHandler:
             else:
                 # A request the guard refused to interpret (bad Host, an upgrade, an odd target):
                 # read nothing more from this connection (RFC 9112 9.6, 11.2).
-                # A request that spent the key's allowance and then failed (an unknown session,
-                # an upstream that is down) still tells the agent where its count stands
-                # (docs/reference/limits.md: the fields are on every answer).
                 send_error(request, exc, close=principal is None and isinstance(exc, ProxyError)
-                           and exc.status == 400, resource_metadata=self._resource_metadata,
-                           extra=outcome.limit_fields)
+                           and exc.status == 400, resource_metadata=self._resource_metadata)
         finally:
             status = outcome.status or 499  # 499: the client went away before an answer
             kind = principal.kind if principal else "none"
@@ -231,7 +222,7 @@ class ProxyHandler:
             self._metrics.count_auth_failure("disabled")
             raise InvalidToken("disabled")
         if principal.kind != PASSTHROUGH:
-            await self._admit(principal, outcome)
+            await self._admit(request, principal)
         session_id = request.headers.get(SESSION_HEADER)
         if session_id is not None:
             # Only sessions issued through this sidecar (and bound in the store before their id
@@ -334,8 +325,7 @@ class ProxyHandler:
             # A tools/call this key may not make: answered here, never forwarded.
             outcome.status = answer.status
             outcome.bytes_out = len(answer.body)
-            request.respond(answer.status, reason_phrase(answer.status), [*answer.fields, *outcome.limit_fields],
-                            answer.body)
+            request.respond(answer.status, reason_phrase(answer.status), answer.fields, answer.body)
             return
         if policy is not None:
             # A tool list is filtered as JSON; an upstream must not compress it out of reach
@@ -376,10 +366,12 @@ class ProxyHandler:
             if up is not None:
                 up.close()  # pooled only if the answer was read completely, else closed
 
-    async def _admit(self, principal: Principal, outcome: _Outcome) -> None:
+    async def _admit(self, request: Request, principal: Principal) -> None:
         """The key's limits (docs/reference/limits.md): its requests in flight, this one
         included (it is registered already, so concurrent arrivals cannot all pass a check made
-        before either counts), then its rate. One key's traffic never refuses another key's."""
+        before either counts), then its rate. One key's traffic never refuses another key's.
+        A counted request's answer, whatever it is (the upstream's, a refused call, a failure
+        after counting), carries the key's RateLimit fields so that the agent can pace itself."""
         bound = self._max_in_flight
         if bound and self._streams.in_flight(principal.key_id) > bound:
             self._metrics.limited["concurrency"].inc()
@@ -390,7 +382,7 @@ class ProxyHandler:
             if not verdict.allowed:
                 self._metrics.limited["rate"].inc()
                 raise RateLimitExceeded(verdict, limit)
-            outcome.limit_fields = verdict.fields
+            request.add_response_fields(verdict.fields)
 
     def _upstream_failure(self, exc: BaseException, *, too_large: bool, malformed: bool) -> ProxyError:
         """The client's answer when no upstream response head came. The request body's own
@@ -471,8 +463,7 @@ class ProxyHandler:
                     raise self._unfilterable() from None
                 outcome.status = up.status
                 outcome.bytes_out = len(body)
-                request.respond(up.status, up.reason,
-                                [*_without_validators(response_headers(up.headers)), *outcome.limit_fields], body)
+                request.respond(up.status, up.reason, _without_validators(response_headers(up.headers)), body)
                 return
             if streaming:
                 length = None  # events may change length: the answer is re-framed (chunked)
@@ -488,17 +479,12 @@ class ProxyHandler:
                 raise ProxyError(502, "upstream_reset", "The MCP server closed the connection mid-answer") from None
             outcome.status = up.status
             outcome.bytes_out = len(body)
-            fields = response_headers(up.headers)
-            if outcome.limit_fields:
-                fields += outcome.limit_fields
-            request.respond(up.status, up.reason, fields, body)
+            request.respond(up.status, up.reason, response_headers(up.headers), body)
             return
         outcome.status = up.status
         fields = response_headers(up.headers)
         if answer_filter is not None:
             fields = _without_validators(fields)
-        if outcome.limit_fields:
-            fields += outcome.limit_fields
         if not request.start(up.status, up.reason, fields, length):
             return  # HEAD, 204, 304: the head is the whole answer
         if streaming:
