@@ -11,11 +11,12 @@ The answer carries the fields of draft-ietf-httpapi-ratelimit-headers-10 (sectio
 ``RateLimit-Policy: "key";q=COUNT;w=PERIOD`` and ``RateLimit: "key";r=REMAINING;t=SECONDS``,
 where ``t`` is when the allowance is whole again.
 
-With ``limits.redis_url`` every replica asks Redis, one script run per request (one round trip,
-atomic): the TAT lives in Redis and its clock is Redis's own ``TIME``, so replicas with skewed
-clocks still share one limit. When Redis cannot answer within ``limits.redis_timeout_seconds``,
-``limits.redis_failure`` decides: ``open`` lets the request through uncounted, ``closed``
-refuses it with 503; both are counted (``toolio_sidecar_limits_backend_errors``).
+With ``limits.redis_url`` every replica asks Redis, one atomic script run per request (the checks
+of one turn of the event loop share a pipeline, one round trip): the TAT lives in Redis and its
+clock is Redis's own ``TIME``, so replicas with skewed clocks still share one limit. When Redis
+cannot answer within ``limits.redis_timeout_seconds``, ``limits.redis_failure`` decides:
+``open`` counts the request in this process instead, ``closed`` refuses it with 503; both are
+counted (``toolio_sidecar_limits_backend_errors``).
 """
 
 from __future__ import annotations
@@ -70,6 +71,10 @@ end
 redis.call('SET', KEYS[1], string.format('%.17g', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1000)
 return {1, math.floor((period - (new_tat - now)) * tonumber(ARGV[3]) / period + 1e-6), new_tat - now, 0}
 """
+
+
+# One check waiting to be sent to Redis: the key, the script's arguments, and its answer.
+_Check = tuple[str, tuple[object, ...], asyncio.Future[list[int]]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,7 +149,7 @@ class Quota:
         self._log = log
         self._tats: dict[str, float] = {}  # key id -> TAT (time.monotonic seconds)
         self._redis: Any = None
-        self._script: Any = None
+        self._sha = ""
         self._quiet_until = 0.0
         self._down_until = 0.0
         self._timeouts_in_row = 0
@@ -160,11 +165,11 @@ class Quota:
                 socket_timeout=settings.redis_timeout_seconds,
                 socket_connect_timeout=settings.redis_timeout_seconds, health_check_interval=30)
             self._redis = redis.asyncio.Redis.from_pool(pool)
-            self._script = self._redis.register_script(_GCRA_SCRIPT)
+            self._sha = self._redis.register_script(_GCRA_SCRIPT).sha
             self._timeout_errors = (TimeoutError, redis.exceptions.TimeoutError)
             self._no_script: type[Exception] = redis.exceptions.NoScriptError
         # Checks waiting to be sent (key, script arguments, their answer): see _batched.
-        self._waiting: list[tuple[str, tuple[object, ...], asyncio.Future[list[int]]]] = []
+        self._waiting: list[_Check] = []
         self._batches: set[asyncio.Task[None]] = set()
 
     @property
@@ -241,7 +246,7 @@ class Quota:
         self._batches.add(task)
         task.add_done_callback(self._batches.discard)
 
-    async def _run_batch(self, batch: list[tuple[str, tuple[object, ...], asyncio.Future[list[int]]]]) -> None:
+    async def _run_batch(self, batch: list[_Check]) -> None:
         try:
             async with asyncio.timeout(self._settings.redis_timeout_seconds):
                 results = await self._evalsha_all(batch)
@@ -269,18 +274,20 @@ class Quota:
             else:
                 answer.set_result(result)
 
-    async def _evalsha_all(self, batch: list[tuple[str, tuple[object, ...], asyncio.Future[list[int]]]]) -> list[Any]:
-        for attempt in range(2):
-            pipe = self._redis.pipeline(transaction=False)
-            for key, args, _ in batch:
-                pipe.evalsha(self._script.sha, 1, key, *args)
-            results: list[Any] = await pipe.execute(raise_on_error=False)
-            if attempt == 0 and any(isinstance(r, self._no_script) for r in results):
-                # Redis restarted or flushed its scripts: load it, then run the batch again
-                # (a NOSCRIPT run changed nothing).
-                await self._redis.script_load(_GCRA_SCRIPT)
-                continue
-            return results
+    async def _evalsha_all(self, batch: list[_Check]) -> list[Any]:
+        results = await self._pipeline(batch)
+        if any(isinstance(r, self._no_script) for r in results):
+            # Redis restarted or flushed its scripts: load it, then run the batch again (a
+            # NOSCRIPT run changed nothing).
+            await self._redis.script_load(_GCRA_SCRIPT)
+            results = await self._pipeline(batch)
+        return results
+
+    async def _pipeline(self, batch: list[_Check]) -> list[Any]:
+        pipe = self._redis.pipeline(transaction=False)
+        for key, args, _ in batch:
+            pipe.evalsha(self._sha, 1, key, *args)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
         return results
 
     def _backend_failed(self, subject: str, limit: RateLimit, exc: BaseException | None) -> Verdict:
