@@ -77,8 +77,9 @@ class FailureLimiter:
         now = time.monotonic()
         self._buckets[subject] = (max(0.0, self.level(subject, now) - 1.0), now, now)
 
-    def forget(self, subject: str) -> None:
-        self._buckets.pop(subject, None)
+    def forget(self, subject: str) -> bool:
+        """Drop ``subject``'s bucket; whether it had one."""
+        return self._buckets.pop(subject, None) is not None
 
     def forget_prefix(self, prefix: str) -> None:
         for subject in [s for s in self._buckets if s.startswith(prefix)]:
@@ -161,6 +162,8 @@ class FailureBudgets:
             self._by_lookup.record_failure(lookup_id)
 
     def forget(self, lookup_id: str) -> None:
-        """Forget every failure against ``lookup_id`` (its key was just enabled again)."""
-        self._by_lookup.forget(lookup_id)
-        self._by_pair.forget_prefix(lookup_id + " ")
+        """Forget every failure against ``lookup_id`` (its key was just enabled again). Every
+        change to an enabled key lands here (a new key, a new rate limit), nearly always for a
+        lookup id with no failures: only one that has some costs the scan of the pairs."""
+        if self._by_lookup.forget(lookup_id):
+            self._by_pair.forget_prefix(lookup_id + " ")
