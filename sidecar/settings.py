@@ -300,6 +300,13 @@ class Settings:
         known = [self.roles[name].rate_limit for name in roles if name in self.roles]
         return most_generous(known) if known else None
 
+    def key_rate_limit(self, own: str | None, roles: tuple[str, ...] | list[str]) -> RateLimit | None:
+        """A key's rate limit: its own (``"unlimited"``: none) when it has one, else its roles'
+        (docs/reference/limits.md)."""
+        if own is None:
+            return self.rate_limit_for(roles)
+        return None if own == UNLIMITED else parse_rate_limit(own)
+
     def permissions_for(self, roles: tuple[str, ...] | list[str]) -> frozenset[str]:
         """The union of the roles' permissions (docs/reference/keys.md); unknown roles grant nothing."""
         perms: set[str] = set()

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from sidecar.gate.tools import ToolPolicy, policy_for
 from sidecar.keys.records import KeyRecord
-from sidecar.settings import UNLIMITED, RateLimit, Settings, parse_rate_limit
+from sidecar.settings import RateLimit, Settings
 
 # Control characters: these values become header fields upstream (RFC 9110 5.5 forbids CR, LF and
 # NUL in field values); config and key validation already exclude them, this is the last line.
@@ -60,7 +60,7 @@ class Principal:
             roles=roles, permissions=perms, deadline=record.deadline(), revision=record.revision,
             roles_header=",".join(roles), permissions_header=",".join(perms),
             claims_prefix=_claims_prefix(settings, record.id, record.name, record.workspace, roles, perms, subject),
-            subject=subject, kind=KEY, rate_limit=_key_rate_limit(record, settings, roles),
+            subject=subject, kind=KEY, rate_limit=settings.key_rate_limit(record.rate_limit, roles),
         )
 
     @classmethod
@@ -92,15 +92,6 @@ class Principal:
             deadline=None, revision=0, roles_header="", permissions_header="", claims_prefix="",
             subject="", kind=PASSTHROUGH,
         )
-
-
-def _key_rate_limit(record: KeyRecord, settings: Settings, roles: tuple[str, ...]) -> RateLimit | None:
-    """The key's own limit when it has one, else its roles' (docs/reference/limits.md)."""
-    if record.rate_limit is None:
-        return settings.rate_limit_for(roles)
-    if record.rate_limit == UNLIMITED:
-        return None
-    return parse_rate_limit(record.rate_limit)
 
 
 def _tool_policy(settings: Settings, roles: tuple[str, ...]) -> ToolPolicy | None:

@@ -58,9 +58,7 @@ def key_json(record: KeyRecord, settings: Settings) -> dict[str, Any]:
 def effective_rate_limit(record: KeyRecord, settings: Settings) -> str:
     """The limit the key's requests are held to: its own, else the most generous of its roles'
     (docs/reference/limits.md); "unlimited" when there is none."""
-    if record.rate_limit is not None:
-        return record.rate_limit
-    limit = settings.rate_limit_for(record.roles)
+    limit = settings.key_rate_limit(record.rate_limit, record.roles)
     return UNLIMITED if limit is None else str(limit)
 
 
